@@ -1,0 +1,485 @@
+"""The variant space as data, and the pure per-step math of every cell family.
+
+A cell variant is a value, not a subclass: :class:`CellSpec` is a frozen
+dataclass of flags, every named preset in :data:`VARIANTS` is one instance, and
+any other combination of the LSTM-family flags is a valid cell too.
+
+LSTM family (Greff et al. 2017, "LSTM: A Search Space Odyssey"), with ``x_t``
+the input, ``y_{t-1}`` the previous output (``h`` in the carry), ``c`` the cell
+state, ``g`` the input activation, ``h`` the output activation, ``s`` the
+logistic sigmoid and ``p_*`` peephole weight vectors::
+
+    z_t = g(W_z x_t + R_z y_{t-1} + b_z)                    block input
+    i_t = s(W_i x_t + R_i y_{t-1} + p_i * c_{t-1} + b_i)    input gate
+    f_t = s(W_f x_t + R_f y_{t-1} + p_f * c_{t-1} + b_f)    forget gate
+    c_t = z_t * i_t + c_{t-1} * f_t
+    o_t = s(W_o x_t + R_o y_{t-1} + p_o * c_t + b_o)        output gate (peeps at c_t)
+    y_t = h(c_t) * o_t
+
+Flags remove a gate (it becomes the constant 1), replace ``g`` or ``h`` by the
+identity, add peepholes, couple the forget gate to the input gate
+(``f_t = 1 - i_t``, CIFG) or add the full gate recurrence (FGR: each gate's
+pre-activation also receives the previous step's gate activations through
+``R_gates``).
+
+Parameter layout (shared by every implementation; the names are stable):
+
+* ``W`` ``[in, n*H]``, ``R`` ``[H, n*H]``, ``b`` ``[n*H]``: the gates of
+  :meth:`CellSpec.gate_names` side by side, in that order. For the LSTM family
+  the order is ``i, f, z, o`` (PyTorch's and Flax's ``i, f, g, o``), with the
+  gates a variant removes left out. GRU: ``r, u, n`` (PyTorch's ``r, z, n``).
+  MGU: ``f, n``. RNN: ``h``.
+* ``p_i``, ``p_f``, ``p_o`` ``[H]``: peepholes of the gates that exist.
+* ``R_gates`` ``[k*H, k*H]`` (FGR only): previous activations of the ``k``
+  computed sigmoid gates (:meth:`CellSpec.recurrent_gate_names`) into the
+  pre-activations of the same gates. A removed gate is the constant 1, whose
+  contribution would only shift a bias, and CIFG's ``f = 1 - i`` is linear in
+  ``i``; neither is fed.
+* ``b_hn`` ``[H]`` (GRU with ``reset_after`` only): the recurrent bias of the
+  candidate, inside the reset gate, as in cuDNN and PyTorch.
+
+The input projection ``x_t @ W + b`` is not part of the step: the layer
+computes it for all time steps in one matmul before the scan, and
+:func:`step` receives its result ``xp_t``.
+
+.. warning:: The LSTM carry is ``LSTMState(h, c)``: hidden first, as in
+   PyTorch's ``(h_n, c_n)``; Flax's LSTM carry is ``(c, h)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "CellSpec",
+    "VARIANTS",
+    "FAMILIES",
+    "ACTIVATIONS",
+    "LSTMState",
+    "FGRState",
+    "HiddenState",
+    "resolve_cell",
+    "step",
+    "param_shapes",
+    "carry_shapes",
+    "trace_names",
+]
+
+FAMILIES = ("lstm", "gru", "mgu", "rnn")
+
+#: Activation functions a spec may name for ``g`` (input) and ``h`` (output).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "tanh": jnp.tanh,
+    "identity": lambda a: a,
+    "sigmoid": jax.nn.sigmoid,
+    "relu": jax.nn.relu,
+    "softsign": jax.nn.soft_sign,
+}
+
+# Fields that only the LSTM family uses, with their defaults.
+_LSTM_FLAGS = {
+    "input_gate": True,
+    "forget_gate": True,
+    "output_gate": True,
+    "peepholes": False,
+    "coupled": False,
+    "full_gate_recurrence": False,
+    "input_activation": "tanh",
+    "output_activation": "tanh",
+}
+
+
+def _did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(str(name).lower(), list(options), n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CellSpec:
+    """One recurrent cell variant, as a frozen set of flags.
+
+    Attributes:
+      family: ``"lstm"`` (every LSTM-family flag applies), ``"gru"``, ``"mgu"``
+        or ``"rnn"`` (tanh RNN).
+      input_gate: LSTM: keep ``i_t``; ``False`` makes it the constant 1 (NIG).
+      forget_gate: LSTM: keep ``f_t``; ``False`` makes it 1 (NFG).
+      output_gate: LSTM: keep ``o_t``; ``False`` makes it 1 (NOG).
+      peepholes: LSTM: add ``p_i * c_{t-1}``, ``p_f * c_{t-1}``, ``p_o * c_t``
+        to the gates that exist.
+      coupled: LSTM: ``f_t = 1 - i_t`` (CIFG); needs ``input_gate`` and
+        ``forget_gate``.
+      full_gate_recurrence: LSTM: FGR, the previous step's gate activations
+        feed every gate through ``R_gates``.
+      input_activation: LSTM ``g``, a name in :data:`ACTIVATIONS` (NIAF:
+        ``"identity"``).
+      output_activation: LSTM ``h`` (NOAF: ``"identity"``).
+      reset_after: GRU only: apply the reset gate after the recurrent matmul,
+        ``n = tanh(W_n x + b_n + r * (R_n h + b_hn))`` (cuDNN, PyTorch),
+        instead of Cho et al.'s ``n = tanh(W_n x + b_n + R_n (r * h))``.
+
+    A contradictory spec raises ``ValueError`` naming both fields::
+
+        >>> CellSpec(coupled=True, input_gate=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: CellSpec: coupled=True (f = 1 - i) derives the forget gate from the input gate, so it needs input_gate=True; got input_gate=False.
+    """
+
+    family: str = "lstm"
+    input_gate: bool = True
+    forget_gate: bool = True
+    output_gate: bool = True
+    peepholes: bool = False
+    coupled: bool = False
+    full_gate_recurrence: bool = False
+    input_activation: str = "tanh"
+    output_activation: str = "tanh"
+    reset_after: bool = False
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(
+                f"CellSpec: unknown family {self.family!r}; expected one of "
+                f"{', '.join(FAMILIES)}.{_did_you_mean(self.family, FAMILIES)}")
+        for name in ("input_gate", "forget_gate", "output_gate", "peepholes", "coupled",
+                     "full_gate_recurrence", "reset_after"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"CellSpec: {name} must be a bool; got {value!r}.")
+        for name in ("input_activation", "output_activation"):
+            value = getattr(self, name)
+            if value not in ACTIVATIONS:
+                raise ValueError(
+                    f"CellSpec: {name}={value!r} is not a known activation; expected one of "
+                    f"{', '.join(ACTIVATIONS)}.{_did_you_mean(value, ACTIVATIONS)}")
+        if self.family != "lstm":
+            for name, default in _LSTM_FLAGS.items():
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"CellSpec: {name}={getattr(self, name)!r} applies to the LSTM family only; "
+                        f"it contradicts family={self.family!r}. Use family='lstm' or leave "
+                        f"{name} at its default {default!r}.")
+        if self.reset_after and self.family != "gru":
+            raise ValueError(
+                f"CellSpec: reset_after=True applies to the GRU only; it contradicts "
+                f"family={self.family!r}.")
+        if self.coupled and not self.input_gate:
+            raise ValueError(
+                "CellSpec: coupled=True (f = 1 - i) derives the forget gate from the input gate, "
+                "so it needs input_gate=True; got input_gate=False.")
+        if self.coupled and not self.forget_gate:
+            raise ValueError(
+                "CellSpec: coupled=True (f = 1 - i) defines the forget gate, which contradicts "
+                "forget_gate=False (f = 1). Drop one of the two.")
+        if self.family == "lstm" and not (self.input_gate or self.forget_gate or self.output_gate):
+            for name in ("peepholes", "full_gate_recurrence"):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"CellSpec: {name}=True needs at least one gate, but input_gate, "
+                        f"forget_gate and output_gate are all False.")
+
+    # -- structure -------------------------------------------------------
+    def gate_names(self) -> tuple[str, ...]:
+        """The blocks of ``W``, ``R`` and ``b``, in their order.
+
+        >>> VARIANTS["cifg"].gate_names()
+        ('i', 'z', 'o')
+        """
+        if self.family == "lstm":
+            names = []
+            if self.input_gate:
+                names.append("i")
+            if self.forget_gate and not self.coupled:
+                names.append("f")
+            names.append("z")
+            if self.output_gate:
+                names.append("o")
+            return tuple(names)
+        return {"gru": ("r", "u", "n"), "mgu": ("f", "n"), "rnn": ("h",)}[self.family]
+
+    def recurrent_gate_names(self) -> tuple[str, ...]:
+        """The sigmoid gates computed from parameters (the ones FGR feeds back)."""
+        if self.family != "lstm":
+            return ()
+        return tuple(g for g in self.gate_names() if g != "z")
+
+    def peephole_names(self) -> tuple[str, ...]:
+        if not self.peepholes:
+            return ()
+        return tuple(f"p_{g}" for g in self.recurrent_gate_names())
+
+    @property
+    def name(self) -> str:
+        """The preset name of this spec if it is one (the first alias), else a description."""
+        for preset, spec in VARIANTS.items():
+            if spec == self:
+                return preset
+        return self.describe()
+
+    def describe(self) -> str:
+        """Non-default fields, e.g. ``"lstm(input_gate=False, peepholes=True)"``."""
+        fields = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                  if f.name != "family" and getattr(self, f.name) != f.default]
+        return f"{self.family}({', '.join(fields)})"
+
+    def flags(self) -> dict[str, Any]:
+        """The fields of this spec as a dict (for configs, tables and databases)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "CellSpec":
+        """A copy with some fields changed (validated like a new spec)."""
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self, in_features: int, hidden_size: int) -> int:
+        """Number of parameters of one cell (one layer, one direction)."""
+        return sum(math.prod(s) for s in param_shapes(self, in_features, hidden_size).values())
+
+
+_VANILLA = CellSpec(peepholes=True)
+
+#: The named presets. ``peephole`` is an alias of ``vanilla``; ``np`` equals ``lstm``.
+VARIANTS: dict[str, CellSpec] = {
+    "lstm": CellSpec(),
+    "vanilla": _VANILLA,
+    "peephole": _VANILLA,
+    "nig": _VANILLA.replace(input_gate=False),
+    "nfg": _VANILLA.replace(forget_gate=False),
+    "nog": _VANILLA.replace(output_gate=False),
+    "niaf": _VANILLA.replace(input_activation="identity"),
+    "noaf": _VANILLA.replace(output_activation="identity"),
+    "np": CellSpec(),
+    "cifg": _VANILLA.replace(coupled=True),
+    "fgr": _VANILLA.replace(full_gate_recurrence=True),
+    "gru": CellSpec(family="gru"),
+    "mgu": CellSpec(family="mgu"),
+    "rnn": CellSpec(family="rnn"),
+}
+
+#: One line per preset, for tables and docs.
+DESCRIPTIONS: dict[str, str] = {
+    "lstm": "standard LSTM with forget gate, no peepholes (cuDNN, PyTorch, Flax)",
+    "vanilla": "Odyssey baseline: lstm + peepholes",
+    "peephole": "alias of vanilla",
+    "nig": "no input gate (i = 1)",
+    "nfg": "no forget gate (f = 1)",
+    "nog": "no output gate (o = 1)",
+    "niaf": "no input activation (g = identity)",
+    "noaf": "no output activation (h = identity)",
+    "np": "no peepholes (= lstm)",
+    "cifg": "coupled input and forget gate (f = 1 - i)",
+    "fgr": "full gate recurrence (gates see previous i, f, o)",
+    "gru": "GRU, Cho et al. 2014 (reset_after=True: cuDNN form)",
+    "mgu": "minimal gated unit, Zhou et al. 2016",
+    "rnn": "tanh RNN",
+}
+
+
+def resolve_cell(cell: "str | CellSpec") -> CellSpec:
+    """A :class:`CellSpec` from a preset name (case-insensitive) or a spec.
+
+    >>> resolve_cell("CIFG") == VARIANTS["cifg"]
+    True
+    """
+    if isinstance(cell, CellSpec):
+        return cell
+    if isinstance(cell, str):
+        key = cell.strip().lower()
+        if key in VARIANTS:
+            return VARIANTS[key]
+        raise ValueError(
+            f"unknown cell preset {cell!r}; expected one of {', '.join(VARIANTS)} or a "
+            f"CellSpec.{_did_you_mean(key, VARIANTS)}")
+    raise TypeError(f"cell must be a preset name or a CellSpec; got {type(cell).__name__}: {cell!r}")
+
+
+# ---------------------------------------------------------------------------
+# Carries
+# ---------------------------------------------------------------------------
+class LSTMState(NamedTuple):
+    """Carry of an LSTM-family cell: output ``h`` (``y`` in the equations) and cell ``c``.
+
+    Both ``[batch..., H]``. Order ``(h, c)`` as PyTorch's ``(h_n, c_n)``;
+    Flax's LSTM carry is ``(c, h)``.
+    """
+
+    h: jax.Array
+    c: jax.Array
+
+
+class FGRState(NamedTuple):
+    """Carry of an LSTM cell with full gate recurrence.
+
+    ``h``, ``c`` as in :class:`LSTMState`; ``gates`` ``[batch..., k*H]`` holds
+    the previous step's activations of :meth:`CellSpec.recurrent_gate_names`
+    side by side (zeros before the first step).
+    """
+
+    h: jax.Array
+    c: jax.Array
+    gates: jax.Array
+
+
+class HiddenState(NamedTuple):
+    """Carry of a GRU, MGU or tanh RNN: the hidden state ``h`` ``[batch..., H]``."""
+
+    h: jax.Array
+
+
+def carry_type(spec: CellSpec) -> type:
+    if spec.family == "lstm":
+        return FGRState if spec.full_gate_recurrence else LSTMState
+    return HiddenState
+
+
+def carry_shapes(spec: CellSpec, hidden_size: int) -> dict[str, int]:
+    """Feature size of each carry field (each field is ``[batch..., size]``)."""
+    sizes = {"h": hidden_size}
+    if spec.family == "lstm":
+        sizes["c"] = hidden_size
+        if spec.full_gate_recurrence:
+            sizes["gates"] = len(spec.recurrent_gate_names()) * hidden_size
+    return sizes
+
+
+def zero_carry(spec: CellSpec, hidden_size: int, batch_shape, dtype) -> Any:
+    """The all-zeros carry for ``batch_shape``."""
+    fields = {k: jnp.zeros((*batch_shape, n), dtype) for k, n in carry_shapes(spec, hidden_size).items()}
+    return carry_type(spec)(**fields)
+
+
+def param_shapes(spec: CellSpec, in_features: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of one cell.
+
+    >>> param_shapes(VARIANTS["vanilla"], 3, 2)
+    {'W': (3, 8), 'R': (2, 8), 'b': (8,), 'p_i': (2,), 'p_f': (2,), 'p_o': (2,)}
+    """
+    H = hidden_size
+    n = len(spec.gate_names())
+    shapes = {"W": (in_features, n * H), "R": (H, n * H), "b": (n * H,)}
+    for p in spec.peephole_names():
+        shapes[p] = (H,)
+    if spec.full_gate_recurrence:
+        k = len(spec.recurrent_gate_names())
+        shapes["R_gates"] = (k * H, k * H)
+    if spec.reset_after:
+        shapes["b_hn"] = (H,)
+    return shapes
+
+
+def trace_names(spec: CellSpec) -> tuple[str, ...]:
+    """Keys of the dict that ``step(..., trace=True)`` and ``gate_trace`` return."""
+    return {"lstm": ("i", "f", "o", "z", "c", "y"), "gru": ("r", "u", "n", "h"),
+            "mgu": ("f", "n", "h"), "rnn": ("h",)}[spec.family]
+
+
+# ---------------------------------------------------------------------------
+# The per-step math: the single source of truth
+# ---------------------------------------------------------------------------
+def _split(a: jax.Array, names: tuple[str, ...]) -> dict[str, jax.Array]:
+    H = a.shape[-1] // len(names)
+    return {n: a[..., j * H:(j + 1) * H] for j, n in enumerate(names)}
+
+
+def _mm(h: jax.Array, w: jax.Array, acc_dtype) -> jax.Array:
+    """``h @ w`` with ``h`` cast to ``w``'s dtype, accumulated in ``acc_dtype``."""
+    return jnp.matmul(h.astype(w.dtype), w, preferred_element_type=acc_dtype)
+
+
+def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *, trace: bool = False):
+    """One time step of the cell ``spec``: ``(params, carry, xp_t) -> (carry, y_t[, trace])``.
+
+    Args:
+      spec: the variant.
+      params: the arrays of :func:`param_shapes` except ``W`` (whose product
+        with the input is already in ``xp_t``); ``R`` and ``R_gates`` may be
+        in a lower precision than the carry (their products accumulate in the
+        carry's dtype).
+      carry: :class:`LSTMState` / :class:`FGRState` / :class:`HiddenState`,
+        fields ``[batch..., size]`` (:func:`carry_shapes`); its dtype is the
+        dtype of the elementwise math.
+      xp_t: ``x_t @ W + b``, ``[batch..., n*H]`` in the gate order of
+        :meth:`CellSpec.gate_names`.
+      trace: also return a dict of the activations named by
+        :func:`trace_names` (a removed gate as ones), each ``[batch..., H]``.
+
+    Returns:
+      ``(new_carry, y_t)`` with ``y_t`` ``[batch..., H]`` (``new_carry.h``), or
+      ``(new_carry, y_t, trace_dict)`` when ``trace``.
+    """
+    acc = carry.h.dtype
+    xp_t = xp_t.astype(acc)
+    h_prev = carry.h
+    if spec.family == "lstm":
+        names = spec.gate_names()
+        a = _split(xp_t + _mm(h_prev, params["R"], acc), names)
+        c_prev = carry.c
+        gate_rec = spec.recurrent_gate_names()
+        if spec.full_gate_recurrence:
+            extra = _split(_mm(carry.gates, params["R_gates"], acc), gate_rec)
+            a = {k: (v + extra[k] if k in extra else v) for k, v in a.items()}
+        one = jnp.ones_like(c_prev)
+        if spec.input_gate:
+            pre = a["i"] + params["p_i"].astype(acc) * c_prev if spec.peepholes else a["i"]
+            i = jax.nn.sigmoid(pre)
+        else:
+            i = one
+        if spec.coupled:
+            f = 1.0 - i
+        elif spec.forget_gate:
+            pre = a["f"] + params["p_f"].astype(acc) * c_prev if spec.peepholes else a["f"]
+            f = jax.nn.sigmoid(pre)
+        else:
+            f = one
+        z = ACTIVATIONS[spec.input_activation](a["z"])
+        c = z * i + c_prev * f
+        if spec.output_gate:
+            pre = a["o"] + params["p_o"].astype(acc) * c if spec.peepholes else a["o"]
+            o = jax.nn.sigmoid(pre)
+        else:
+            o = one
+        y = ACTIVATIONS[spec.output_activation](c) * o
+        if spec.full_gate_recurrence:
+            acts = {"i": i, "f": f, "o": o}
+            new_carry = FGRState(y, c, jnp.concatenate([acts[g] for g in gate_rec], axis=-1))
+        else:
+            new_carry = LSTMState(y, c)
+        tr = {"i": i, "f": f, "o": o, "z": z, "c": c, "y": y} if trace else None
+    elif spec.family == "gru":
+        R = params["R"]
+        H = h_prev.shape[-1]
+        x = _split(xp_t, ("r", "u", "n"))
+        if spec.reset_after:
+            hr = _split(_mm(h_prev, R, acc), ("r", "u", "n"))
+            r = jax.nn.sigmoid(x["r"] + hr["r"])
+            u = jax.nn.sigmoid(x["u"] + hr["u"])
+            n = jnp.tanh(x["n"] + r * (hr["n"] + params["b_hn"].astype(acc)))
+        else:
+            hr = _split(_mm(h_prev, R[:, :2 * H], acc), ("r", "u"))
+            r = jax.nn.sigmoid(x["r"] + hr["r"])
+            u = jax.nn.sigmoid(x["u"] + hr["u"])
+            n = jnp.tanh(x["n"] + _mm(r * h_prev, R[:, 2 * H:], acc))
+        y = (1.0 - u) * n + u * h_prev
+        new_carry = HiddenState(y)
+        tr = {"r": r, "u": u, "n": n, "h": y} if trace else None
+    elif spec.family == "mgu":
+        R = params["R"]
+        H = h_prev.shape[-1]
+        x = _split(xp_t, ("f", "n"))
+        f = jax.nn.sigmoid(x["f"] + _mm(h_prev, R[:, :H], acc))
+        n = jnp.tanh(x["n"] + _mm(f * h_prev, R[:, H:], acc))
+        y = (1.0 - f) * h_prev + f * n
+        new_carry = HiddenState(y)
+        tr = {"f": f, "n": n, "h": y} if trace else None
+    else:  # rnn
+        y = jnp.tanh(xp_t + _mm(h_prev, params["R"], acc))
+        new_carry = HiddenState(y)
+        tr = {"h": y} if trace else None
+    if trace:
+        return new_carry, y, tr
+    return new_carry, y

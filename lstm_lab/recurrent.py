@@ -1,0 +1,475 @@
+"""The recurrent layer: hoisted input projection + ``jax.lax.scan`` over time.
+
+:class:`RNN` stacks layers of one cell variant (any :class:`~lstm_lab.CellSpec`),
+optionally bidirectional, with masking by ``seq_lengths``, carries in and out
+for truncated BPTT, and :func:`gate_trace` to read every gate over time.
+
+The loop one direction of one layer runs, with ``[T, B, ...]`` shapes::
+
+    xp = x @ W + b                          # [T, B, n*H], one matmul for all steps
+    carry = initial_carry                   # fields [B, H]
+    for t in range(T):                      # jax.lax.scan; only this is sequential
+        new, y[t] = step(spec, params, carry, xp[t])
+        carry = where(t < seq_lengths, new, carry)    # frozen past each end
+        y[t] = where(t < seq_lengths, y[t], 0)
+    return y, carry                         # carry: each sequence's own last step
+
+The reverse direction runs the same loop over each sequence's own valid steps
+reversed (``x[len-1], ..., x[0]``), and its outputs are put back in the
+original time order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lstm_lab import cells as _cells
+from lstm_lab.cells import CellSpec, resolve_cell
+
+__all__ = ["RNN", "RecurrentCell", "gate_trace", "scan_cell"]
+
+_List = getattr(nnx, "List", list)
+IMPLS = ("auto", "scan")
+
+
+def _acc_dtype(compute_dtype) -> jnp.dtype:
+    """Elementwise/carry dtype: float32 for low-precision compute, else the compute dtype."""
+    return jnp.promote_types(compute_dtype, jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Initialisation
+# ---------------------------------------------------------------------------
+def init_params(spec: CellSpec, in_features: int, hidden_size: int, key: jax.Array, *,
+                param_dtype=jnp.float32, forget_bias: float = 1.0,
+                chrono_init: float | None = None) -> dict[str, jax.Array]:
+    """Initial parameters of one cell, by the names of :func:`~lstm_lab.cells.param_shapes`.
+
+    ``W``: LeCun normal (fan-in ``in_features``); ``R``: orthogonal per gate
+    block; ``b``: zeros plus the retention bias below; peepholes: uniform in
+    ``±1/sqrt(H)``; ``R_gates``: LeCun normal; ``b_hn``: zeros.
+
+    ``forget_bias`` is added to the pre-activation of the gate that keeps the
+    state: the LSTM forget gate (CIFG: subtracted from the input gate, since
+    ``f = 1 - i``), the GRU update gate ``u``, and subtracted from the MGU gate
+    ``f`` (whose ``1 - f`` keeps the state). ``chrono_init=T_max`` (Tallec &
+    Ollivier 2018) replaces it: retention bias ``log(U[1, T_max - 1])``, and
+    the LSTM input gate bias its negative.
+    """
+    H = hidden_size
+    names = spec.gate_names()
+    shapes = _cells.param_shapes(spec, in_features, H)
+    k_w, k_r, k_p, k_g, k_c = jax.random.split(key, 5)
+    params = {
+        "W": jax.nn.initializers.lecun_normal()(k_w, shapes["W"], param_dtype),
+        "R": jnp.concatenate(
+            [jax.nn.initializers.orthogonal()(k, (H, H), param_dtype)
+             for k in jax.random.split(k_r, len(names))], axis=1),
+    }
+    b = np.zeros((len(names), H), np.float64)
+    idx = {g: j for j, g in enumerate(names)}
+    if chrono_init is not None:
+        retain = np.log(np.asarray(jax.random.uniform(k_c, (H,), jnp.float32, 1.0, chrono_init - 1.0)))
+    else:
+        retain = np.full((H,), float(forget_bias))
+    if spec.family == "lstm":
+        if spec.coupled:
+            b[idx["i"]] = -retain
+        else:
+            if "f" in idx:
+                b[idx["f"]] = retain
+            if chrono_init is not None and "i" in idx:
+                b[idx["i"]] = -retain
+    elif spec.family == "gru":
+        b[idx["u"]] = retain
+    elif spec.family == "mgu":
+        b[idx["f"]] = -retain
+    params["b"] = jnp.asarray(b.reshape(-1), param_dtype)
+    bound = 1.0 / math.sqrt(H)
+    for j, p in enumerate(spec.peephole_names()):
+        params[p] = jax.random.uniform(jax.random.fold_in(k_p, j), (H,), param_dtype, -bound, bound)
+    if spec.full_gate_recurrence:
+        params["R_gates"] = jax.nn.initializers.lecun_normal()(k_g, shapes["R_gates"], param_dtype)
+    if spec.reset_after:
+        params["b_hn"] = jnp.zeros((H,), param_dtype)
+    assert {k: v.shape for k, v in params.items()} == shapes
+    return params
+
+
+# ---------------------------------------------------------------------------
+# The scan
+# ---------------------------------------------------------------------------
+def _flip(a: jax.Array, lengths: jax.Array | None) -> jax.Array:
+    """Reverse ``a`` ``[T, B, ...]`` in time, each sequence within its own length."""
+    if lengths is None:
+        return a[::-1]
+    T = a.shape[0]
+    t = jnp.arange(T)[:, None]
+    idx = jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
+    idx = idx.reshape(idx.shape + (1,) * (a.ndim - 2))
+    return jnp.take_along_axis(a, idx, axis=0)
+
+
+def scan_cell(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry0, *,
+              lengths: jax.Array | None = None, reverse: bool = False, unroll: int = 1,
+              trace: bool = False):
+    """Run one direction of one layer over time.
+
+    Args:
+      spec: the variant.
+      params: the cell's parameters (``W`` is not used: its product is in ``xp``).
+      xp: ``[T, B, n*H]`` projected inputs ``x @ W + b``.
+      carry0: the initial carry, fields ``[B, size]``; its dtype is the dtype
+        of the elementwise math.
+      lengths: ``[B]`` int valid lengths in ``1..T``, or None (all ``T``).
+      reverse: run each sequence's valid steps backwards; outputs are
+        returned in the original time order.
+      unroll: passed to ``jax.lax.scan``.
+      trace: also return the gate activations, each ``[T, B, H]``.
+
+    Returns:
+      ``(ys [T, B, H], final_carry, traces or None)``; ``ys`` is zero past each
+      sequence's end, as are the traces.
+    """
+    if reverse:
+        xp = _flip(xp, lengths)
+    masked = lengths is not None
+    xs = (xp, jnp.arange(xp.shape[0])[:, None] < lengths[None, :]) if masked else xp
+
+    def body(carry, inp):
+        xp_t, m_t = inp if masked else (inp, None)
+        out = _cells.step(spec, params, carry, xp_t, trace=trace)
+        new_carry, y = out[0], out[1]
+        tr = out[2] if trace else None
+        if masked:
+            m = m_t[:, None]
+            new_carry = jax.tree.map(lambda n, o: jnp.where(m, n, o), new_carry, carry)
+            y = jnp.where(m, y, jnp.zeros_like(y))
+            if trace:
+                tr = {k: jnp.where(m, v, jnp.zeros_like(v)) for k, v in tr.items()}
+        return new_carry, (y, tr)
+
+    carry, (ys, trs) = jax.lax.scan(body, carry0, xs, unroll=unroll)
+    if reverse:
+        ys = _flip(ys, lengths)
+        if trace:
+            trs = {k: _flip(v, lengths) for k, v in trs.items()}
+    return ys, carry, trs
+
+
+# ---------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------
+class RecurrentCell(nnx.Module):
+    """The parameters of one cell (one layer, one direction) of :class:`RNN`.
+
+    Attributes are :class:`flax.nnx.Param` named as in
+    :func:`~lstm_lab.cells.param_shapes` (``W``, ``R``, ``b``, ``p_i``, ...).
+    ``cell(carry, x_t) -> (carry, y_t)`` runs one step on a raw input
+    ``x_t`` ``[batch..., in_features]`` (the Flax cell convention); the layer
+    instead projects all steps at once and calls :func:`lstm_lab.cells.step`.
+    """
+
+    def __init__(self, spec: CellSpec, in_features: int, hidden_size: int, *, param_dtype=jnp.float32,
+                 forget_bias: float = 1.0, chrono_init: float | None = None, rngs: nnx.Rngs):
+        self.spec = spec
+        self.in_features = in_features
+        self.hidden_size = hidden_size
+        values = init_params(spec, in_features, hidden_size, rngs.params(), param_dtype=param_dtype,
+                             forget_bias=forget_bias, chrono_init=chrono_init)
+        self._param_names = tuple(values)
+        for name, value in values.items():
+            setattr(self, name, nnx.Param(value))
+
+    def params(self) -> dict[str, jax.Array]:
+        """The parameter arrays by name."""
+        return {name: getattr(self, name)[...] for name in self._param_names}
+
+    def initialize_carry(self, batch_shape: Sequence[int] = (), dtype=jnp.float32):
+        return _cells.zero_carry(self.spec, self.hidden_size, tuple(batch_shape), dtype)
+
+    def __call__(self, carry, x_t):
+        p = self.params()
+        xp = jnp.matmul(x_t.astype(p["W"].dtype), p["W"]) + p["b"]
+        return _cells.step(self.spec, p, carry, xp)
+
+
+class RNN(nnx.Module):
+    """A stack of recurrent layers of one cell variant, scanned over time.
+
+    Args:
+      in_features: feature size ``F`` of the input.
+      hidden_size: ``H``, units per layer and direction.
+      cell: a preset name of :data:`lstm_lab.VARIANTS` (``"lstm"``,
+        ``"vanilla"``, ``"cifg"``, ``"gru"``, ...) or a :class:`CellSpec`.
+      num_layers: stacked layers; layer ``l > 0`` reads layer ``l - 1``'s
+        outputs (both directions concatenated).
+      bidirectional: add a reverse direction per layer; outputs ``2*H``.
+      dropout: dropout rate on the outputs of every layer but the last, when
+        called with ``deterministic=False`` (as ``torch.nn.LSTM``).
+      time_major: ``x`` is ``[time, batch..., F]`` instead of ``[batch..., time, F]``.
+      dtype: compute dtype of the matmuls (e.g. ``jnp.bfloat16``); None takes
+        the promotion of ``x`` and ``param_dtype``. The elementwise math and
+        the carry run in float32 when ``dtype`` is a lower precision.
+      param_dtype: dtype of the parameters.
+      forget_bias: added to the retention gate's bias (see :func:`init_params`).
+      chrono_init: ``T_max`` for chrono initialisation (Tallec & Ollivier 2018),
+        or None.
+      unroll: scan unroll factor.
+      impl: ``"auto"`` or ``"scan"`` (the only implementation so far).
+      rngs: :class:`flax.nnx.Rngs` with a ``params`` stream (and ``dropout``
+        when ``dropout > 0``).
+
+    Call: ``y, carry = layer(x, seq_lengths=None, initial_carry=None, deterministic=True)``
+
+      * ``x``: ``[batch..., T, F]`` floating point, one or more batch axes.
+      * ``seq_lengths``: int ``[batch...]`` in ``1..T``. Past each sequence's
+        end the carry is frozen and the outputs are zero.
+      * ``initial_carry``: as returned, or None for zeros.
+      * ``y``: ``[batch..., T, H]`` (``2*H`` bidirectional), in ``dtype``.
+      * ``carry``: a tuple over layers of tuples over directions (forward,
+        then reverse) of the cell's state: ``carry[layer][direction]`` is an
+        :class:`~lstm_lab.cells.LSTMState` ``(h, c)`` (FGR:
+        :class:`~lstm_lab.cells.FGRState` ``(h, c, gates)``; GRU, MGU, RNN:
+        :class:`~lstm_lab.cells.HiddenState` ``(h,)``), each field
+        ``[batch..., size]`` at each sequence's own last step (the reverse
+        direction's last step is time 0). Kept in float32 for bf16 compute.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import lstm_lab
+        >>> layer = lstm_lab.RNN(3, 8, "cifg", num_layers=2, rngs=nnx.Rngs(0))
+        >>> x = jnp.ones((4, 10, 3))
+        >>> y, carry = layer(x, seq_lengths=jnp.array([10, 7, 3, 1]))
+        >>> y.shape, carry[1][0].h.shape, carry[1][0].c.shape
+        ((4, 10, 8), (4, 8), (4, 8))
+
+    .. warning:: Gate order inside ``W``/``R``/``b`` is ``i, f, z, o`` (as
+       PyTorch's ``i, f, g, o``) and there is one bias (PyTorch has two, use
+       :func:`lstm_lab.interop.from_torch`); the carry is ``(h, c)`` where
+       Flax's is ``(c, h)``.
+    """
+
+    def __init__(self, in_features: int, hidden_size: int, cell: "str | CellSpec" = "lstm", *,
+                 num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
+                 time_major: bool = False, dtype=None, param_dtype=jnp.float32,
+                 forget_bias: float = 1.0, chrono_init: float | None = None, unroll: int = 1,
+                 impl: str = "auto", rngs: nnx.Rngs):
+        spec = resolve_cell(cell)
+        for name, value in (("in_features", in_features), ("hidden_size", hidden_size),
+                            ("num_layers", num_layers), ("unroll", unroll)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RNN: {name} must be a positive int; got {value!r}.")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"RNN: dropout must be in [0, 1); got {dropout!r}.")
+        if chrono_init is not None:
+            if spec.family == "rnn":
+                raise ValueError("RNN: chrono_init needs a gated cell; cell 'rnn' has no gate.")
+            if not float(chrono_init) > 2.0:
+                raise ValueError(f"RNN: chrono_init is T_max, the longest dependency, and must be > 2; "
+                                 f"got {chrono_init!r}.")
+        if impl not in IMPLS:
+            raise ValueError(f"RNN: unknown impl {impl!r}; expected one of {', '.join(IMPLS)}.")
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"RNN: rngs must be an nnx.Rngs, e.g. nnx.Rngs(0); got {rngs!r}.")
+        self.spec = spec
+        self.in_features = int(in_features)
+        self.hidden_size = int(hidden_size)
+        self.num_layers = int(num_layers)
+        self.bidirectional = bool(bidirectional)
+        self.num_directions = 2 if bidirectional else 1
+        self.dropout_rate = float(dropout)
+        self.time_major = bool(time_major)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.unroll = int(unroll)
+        self.impl = impl
+        layers = []
+        for layer in range(self.num_layers):
+            d_in = self.in_features if layer == 0 else self.num_directions * self.hidden_size
+            layers.append(_List([
+                RecurrentCell(spec, d_in, self.hidden_size, param_dtype=param_dtype, forget_bias=forget_bias,
+                              chrono_init=chrono_init, rngs=rngs)
+                for _ in range(self.num_directions)]))
+        self.cells = _List(layers)
+        self.dropout = nnx.Dropout(self.dropout_rate, rngs=rngs) if self.dropout_rate > 0 else None
+
+    # -- carries ---------------------------------------------------------
+    def initialize_carry(self, batch_shape: Sequence[int], dtype=None):
+        """The zero carry for inputs with batch axes ``batch_shape`` (see the class docstring)."""
+        dtype = dtype or _acc_dtype(self.dtype or self.param_dtype)
+        return tuple(tuple(_cells.zero_carry(self.spec, self.hidden_size, tuple(batch_shape), dtype)
+                           for _ in range(self.num_directions)) for _ in range(self.num_layers))
+
+    def _carry_doc(self, batch_shape) -> str:
+        ctype = _cells.carry_type(self.spec)
+        fields = ", ".join(f"{k} {(*batch_shape, n)}"
+                           for k, n in _cells.carry_shapes(self.spec, self.hidden_size).items())
+        return (f"a tuple of num_layers={self.num_layers} tuples of num_directions={self.num_directions} "
+                f"{ctype.__name__}({fields})")
+
+    # -- input checks (before anything is traced) -------------------------
+    def _check_x(self, x):
+        if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+            x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(
+                f"RNN: x must be a floating-point array; got dtype {x.dtype}. Cast it "
+                f"(x.astype(jnp.float32)); token ids need an embedding first.")
+        layout = "[time, batch..., features]" if self.time_major else "[batch..., time, features]"
+        if x.ndim < 3:
+            raise ValueError(
+                f"RNN: x must have shape {layout} with at least one batch axis; got shape {tuple(x.shape)} "
+                f"(rank {x.ndim}). Add a batch axis, e.g. x[None].")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"RNN: x must have {self.in_features} features (in_features) on its last axis; "
+                f"got shape {tuple(x.shape)}.")
+        if self.time_major:
+            T, batch_shape = x.shape[0], tuple(x.shape[1:-1])
+        else:
+            T, batch_shape = x.shape[-2], tuple(x.shape[:-2])
+        if T < 1 or 0 in batch_shape:
+            raise ValueError(f"RNN: x has an empty time or batch axis: shape {tuple(x.shape)} {layout}.")
+        return x, batch_shape, T
+
+    def _check_lengths(self, seq_lengths, batch_shape, T):
+        if seq_lengths is None:
+            return None
+        if not hasattr(seq_lengths, "dtype"):
+            seq_lengths = jnp.asarray(seq_lengths)
+        if tuple(seq_lengths.shape) != batch_shape:
+            raise ValueError(f"RNN: seq_lengths must have shape (batch...) = {batch_shape}; "
+                             f"got {tuple(seq_lengths.shape)}.")
+        if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
+            raise TypeError(f"RNN: seq_lengths must be integers; got dtype {seq_lengths.dtype}.")
+        try:
+            values = np.asarray(seq_lengths)
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            values = None  # under jit: the range can't be checked here
+        if values is not None:
+            bad = np.argwhere((values < 1) | (values > T))
+            if bad.size:
+                at = tuple(int(i) for i in bad[0])
+                raise ValueError(f"RNN: seq_lengths must be in 1..T = 1..{T}; got {int(values[at])} at "
+                                 f"index {at} ({bad.shape[0]} value(s) out of range).")
+        return seq_lengths
+
+    def _check_carry(self, initial_carry, batch_shape):
+        if initial_carry is None:
+            return None
+        expected = self.initialize_carry(batch_shape)
+        if jax.tree.structure(initial_carry) != jax.tree.structure(expected):
+            raise ValueError(f"RNN: initial_carry must be {self._carry_doc(batch_shape)}, as returned by "
+                             f"layer(...) or layer.initialize_carry; got {_describe_tree(initial_carry)}.")
+        for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(initial_carry)[0],
+                                     jax.tree.leaves(expected)):
+            if tuple(jnp.shape(got)) != want.shape:
+                raise ValueError(f"RNN: initial_carry{jax.tree_util.keystr(path)} must have shape "
+                                 f"{want.shape}; got {tuple(jnp.shape(got))}. Expected "
+                                 f"{self._carry_doc(batch_shape)}.")
+        return initial_carry
+
+    # -- forward -----------------------------------------------------------
+    def _forward(self, x, batch_shape, T, lengths, initial_carry, deterministic, trace_at=None):
+        cd = jnp.dtype(self.dtype) if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
+        acc = _acc_dtype(cd)
+        B = math.prod(batch_shape)
+        F = x.shape[-1]
+        h = x.reshape(T, B, F) if self.time_major else jnp.swapaxes(x.reshape(B, T, F), 0, 1)
+        h = h.astype(cd)
+        flat_len = None if lengths is None else lengths.reshape(B).astype(jnp.int32)
+        finals = []
+        for li, layer_cells in enumerate(self.cells):
+            outs, layer_final = [], []
+            for d, cell in enumerate(layer_cells):
+                p = cell.params()
+                p = {k: v.astype(cd if k in ("W", "R", "R_gates") else acc) for k, v in p.items()}
+                xp = jnp.matmul(h, p["W"], preferred_element_type=acc) + p["b"]
+                if initial_carry is None:
+                    c0 = _cells.zero_carry(self.spec, self.hidden_size, (B,), acc)
+                else:
+                    c0 = jax.tree.map(lambda a: jnp.asarray(a).reshape(B, a.shape[-1]).astype(acc),
+                                      initial_carry[li][d])
+                want_trace = trace_at == (li, d)
+                ys, cf, tr = scan_cell(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
+                                       unroll=self.unroll, trace=want_trace)
+                if want_trace:
+                    return {k: self._unflatten(v, batch_shape, T) for k, v in tr.items()}
+                outs.append(ys.astype(cd))
+                layer_final.append(jax.tree.map(lambda a: a.reshape(*batch_shape, a.shape[-1]), cf))
+            h = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+            if self.dropout is not None and li < self.num_layers - 1 and not deterministic:
+                h = self.dropout(h, deterministic=False)
+            finals.append(tuple(layer_final))
+        return self._unflatten(h, batch_shape, T), tuple(finals)
+
+    def _unflatten(self, a, batch_shape, T):
+        """``[T, B, K]`` -> the layer's layout with the batch axes restored."""
+        K = a.shape[-1]
+        if self.time_major:
+            return a.reshape(T, *batch_shape, K)
+        return jnp.swapaxes(a, 0, 1).reshape(*batch_shape, T, K)
+
+    def __call__(self, x, seq_lengths=None, initial_carry=None, deterministic: bool = True):
+        x, batch_shape, T = self._check_x(x)
+        lengths = self._check_lengths(seq_lengths, batch_shape, T)
+        initial_carry = self._check_carry(initial_carry, batch_shape)
+        return self._forward(x, batch_shape, T, lengths, initial_carry, deterministic)
+
+
+def _describe_tree(tree) -> str:
+    try:
+        return str(jax.tree.map(lambda a: tuple(jnp.shape(a)), tree))
+    except Exception:  # noqa: BLE001 - only for the message
+        return repr(type(tree))
+
+
+def gate_trace(layer: RNN, x, *, layer_index: int = 0, direction: int = 0, **call_kwargs) -> dict[str, jax.Array]:
+    """Every gate of one layer and direction of ``layer`` over time.
+
+    Runs ``layer`` on ``x`` (``call_kwargs`` as for ``layer(x, ...)``:
+    ``seq_lengths``, ``initial_carry``, ``deterministic``) and returns the
+    activations of layer ``layer_index``, direction ``direction`` (0 forward,
+    1 reverse), each ``[batch..., T, H]`` (``[T, batch..., H]`` for a
+    time-major layer) in float32 (float64 for float64 compute):
+
+    * LSTM family: ``i, f, o`` (gates), ``z`` (block input after ``g``),
+      ``c`` (cell state), ``y`` (output). A gate the variant removes is ones;
+      CIFG's ``f`` is ``1 - i``.
+    * GRU: ``r, u, n, h``; MGU: ``f, n, h``; RNN: ``h``.
+
+    Past each sequence's end (``seq_lengths``) every trace is zero.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import lstm_lab
+    >>> layer = lstm_lab.RNN(2, 4, "nig", rngs=nnx.Rngs(0))
+    >>> tr = lstm_lab.gate_trace(layer, jnp.ones((1, 5, 2)))
+    >>> sorted(tr), tr["i"].shape, bool((tr["i"] == 1).all())
+    (['c', 'f', 'i', 'o', 'y', 'z'], (1, 5, 4), True)
+    """
+    if not isinstance(layer, RNN):
+        raise TypeError(f"gate_trace: layer must be an lstm_lab.RNN; got {type(layer).__name__}.")
+    if not 0 <= layer_index < layer.num_layers:
+        raise ValueError(f"gate_trace: layer_index must be in 0..{layer.num_layers - 1}; got {layer_index}.")
+    if not 0 <= direction < layer.num_directions:
+        raise ValueError(f"gate_trace: direction must be in 0..{layer.num_directions - 1} "
+                         f"(bidirectional={layer.bidirectional}); got {direction}.")
+    unknown = set(call_kwargs) - {"seq_lengths", "initial_carry", "deterministic"}
+    if unknown:
+        raise TypeError(f"gate_trace: unknown keyword(s) {sorted(unknown)}; expected seq_lengths, "
+                        f"initial_carry, deterministic.")
+    x, batch_shape, T = layer._check_x(x)
+    lengths = layer._check_lengths(call_kwargs.get("seq_lengths"), batch_shape, T)
+    carry = layer._check_carry(call_kwargs.get("initial_carry"), batch_shape)
+    return layer._forward(x, batch_shape, T, lengths, carry, call_kwargs.get("deterministic", True),
+                          trace_at=(layer_index, direction))

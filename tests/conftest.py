@@ -1,0 +1,63 @@
+"""Shared helpers. float64 is enabled for the whole suite (reference and
+gradient checks need it); every float32 test states its dtypes explicitly, so
+this also checks that nothing upcasts by accident."""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import lstm_lab  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+    """../shared/data: fails under CI=true when missing, skips otherwise."""
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{SHARED_DATA} is missing (CI=true)")
+        pytest.skip(f"{SHARED_DATA} is missing")
+    return SHARED_DATA
+
+
+def randomize(layer: lstm_lab.RNN, seed: int, scale: float = 0.5) -> lstm_lab.RNN:
+    """Overwrite every parameter with random non-zero values (in place)."""
+    rng = np.random.default_rng(seed)
+    for layer_cells in layer.cells:
+        for cell in layer_cells:
+            for name in cell.params():
+                var = getattr(cell, name)
+                value = var[...]
+                var[...] = jnp.asarray(rng.normal(0.0, scale, value.shape), value.dtype)
+    return layer
+
+
+def layer_params(layer: lstm_lab.RNN):
+    """params[layer][direction] as float64 numpy dicts."""
+    return [[{k: np.asarray(v, np.float64) for k, v in cell.params().items()} for cell in lc]
+            for lc in layer.cells]
+
+
+def random_carry(layer: lstm_lab.RNN, batch_shape, seed: int, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    zero = layer.initialize_carry(batch_shape, dtype)
+    return jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.5, a.shape), dtype), zero)
+
+
+def carry_to_ref(carry, batch_shape):
+    """Nested carry -> initial[layer][direction] dicts with one flat batch axis."""
+    B = math.prod(batch_shape)
+    return [[{k: np.asarray(v, np.float64).reshape(B, -1) for k, v in state._asdict().items()}
+             for state in layer] for layer in carry]
