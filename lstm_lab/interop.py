@@ -40,7 +40,7 @@ def _suffix(layer: int, direction: int) -> str:
 
 def from_torch_state(kind: str, state: Mapping[str, Any], *, input_size: int, hidden_size: int,
                      num_layers: int = 1, bidirectional: bool = False, batch_first: bool = False,
-                     dropout: float = 0.0, rngs: nnx.Rngs | None = None) -> RNN:
+                     dropout: float = 0.0, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None) -> RNN:
     """An :class:`~lstm_lab.RNN` from the ``state_dict`` of a PyTorch ``LSTM``/``GRU``.
 
     ``state`` maps PyTorch's parameter names (``weight_ih_l0``, ...,
@@ -53,7 +53,7 @@ def from_torch_state(kind: str, state: Mapping[str, Any], *, input_size: int, hi
         raise ValueError(f"from_torch_state: kind must be 'LSTM' or 'GRU'; got {kind!r}.")
     spec = VARIANTS["lstm"] if kind == "LSTM" else TORCH_GRU
     layer = RNN(input_size, hidden_size, spec, num_layers=num_layers, bidirectional=bidirectional,
-                dropout=dropout, time_major=not batch_first, rngs=rngs or nnx.Rngs(0))
+                dropout=dropout, time_major=not batch_first, param_dtype=param_dtype, rngs=rngs or nnx.Rngs(0))
     H = hidden_size
     for li, layer_cells in enumerate(layer.cells):
         for d, cell in enumerate(layer_cells):
@@ -90,7 +90,7 @@ def from_torch_state(kind: str, state: Mapping[str, Any], *, input_size: int, hi
     return layer
 
 
-def from_torch(module, *, rngs: nnx.Rngs | None = None) -> RNN:
+def from_torch(module, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None) -> RNN:
     """An :class:`~lstm_lab.RNN` computing what ``module`` (``torch.nn.LSTM`` or ``torch.nn.GRU``) does.
 
     Any ``num_layers``, ``bidirectional``, ``batch_first`` (-> ``time_major``),
@@ -109,7 +109,8 @@ def from_torch(module, *, rngs: nnx.Rngs | None = None) -> RNN:
     state = {k: v for k, v in module.state_dict().items()}
     return from_torch_state(mode, state, input_size=module.input_size, hidden_size=module.hidden_size,
                             num_layers=module.num_layers, bidirectional=module.bidirectional,
-                            batch_first=module.batch_first, dropout=float(module.dropout), rngs=rngs)
+                            batch_first=module.batch_first, dropout=float(module.dropout),
+                            param_dtype=param_dtype, rngs=rngs)
 
 
 def to_torch(layer: RNN):

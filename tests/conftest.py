@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import pathlib
 
 import jax
@@ -19,6 +20,7 @@ from flax import nnx  # noqa: E402
 
 import lstm_lab  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
