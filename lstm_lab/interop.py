@@ -94,11 +94,12 @@ def from_torch(module, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None)
     """An :class:`~lstm_lab.RNN` computing what ``module`` (``torch.nn.LSTM`` or ``torch.nn.GRU``) does.
 
     Any ``num_layers``, ``bidirectional``, ``batch_first`` (-> ``time_major``),
-    ``bias`` and ``dropout``; ``proj_size`` is not supported.
+    ``bias`` and ``dropout``; ``proj_size`` is not supported. Example (the
+    suite runs it in ``tests/test_interop.py``)::
 
-    >>> import torch                                        # doctest: +SKIP
-    >>> m = torch.nn.LSTM(3, 8, num_layers=2, batch_first=True, bidirectional=True)  # doctest: +SKIP
-    >>> layer = lstm_lab.interop.from_torch(m)              # doctest: +SKIP
+        m = torch.nn.LSTM(3, 8, num_layers=2, batch_first=True, bidirectional=True)
+        layer = lstm_lab.interop.from_torch(m)
+        y, carry = layer(jnp.asarray(x.numpy()))    # == m(x) to float32 precision
     """
     mode = getattr(module, "mode", None)
     if mode not in ("LSTM", "GRU"):
