@@ -23,6 +23,69 @@ def _variants_table() -> str:
     return "\n".join(lines)
 
 
+def _parse_value(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _task_options(extra: list[str], parser) -> dict:
+    """``--key value`` / ``--key=value`` pairs (dashes become underscores) -> task options."""
+    opts, i = {}, 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or arg == "--":
+            parser.error(f"unexpected argument {arg!r}; task options are given as --name value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(extra):
+                parser.error(f"option {arg} needs a value")
+            key, value = arg[2:], extra[i + 1]
+            i += 2
+        opts[key.replace("-", "_")] = _parse_value(value)
+    return opts
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def describe_task(name: str, options: dict, *, batch_size: int = 4, seed: int = 0) -> str:
+    """What `lstm-lab data` prints: sizes per split, vocabulary, baseline, a decoded sample batch."""
+    from lstm_lab import tasks
+
+    task = tasks.get(name, **options)
+    info = task.describe()
+    kind, size = info["input"]
+    lines = [f"task {name}: {task!r}",
+             f"input: {kind}, {'vocabulary ' if kind == 'tokens' else 'features '}{size}; "
+             f"output: {task.output_size} per step",
+             "splits: " + " | ".join(f"{s} {_fmt(n)}" for s, n in info["splits"].items())
+             + (" tokens" if task.stateful else " examples")]
+    if "distinct_characters" in info:
+        lines.append(f"distinct characters in the corpus: {info['distinct_characters']}")
+    base = info["baseline"]
+    if base:
+        what = base.get("model", "memoryless predictor")
+        lines.append(f"baseline ({what}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in base.items() if k != "model"))
+    batch = next(iter(task.batches("train", batch_size=batch_size, seed=seed)))
+    lines.append(f"sample batch (train, seed {seed}): inputs {batch.inputs.shape} {batch.inputs.dtype}, "
+                 f"targets {batch.targets.shape} {batch.targets.dtype}")
+    for row in range(min(batch_size, 2)):
+        text = task.format_example(batch, row)
+        lines.append(f"[{row}] " + (repr(text) if task.stateful else text.replace("\n", "\n    ")))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lstm-lab", description="LSTM-family cells, experiments and studies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,8 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--hidden-size", type=int, default=32)
     demo.add_argument("--learning-rate", type=float, default=1e-2)
     demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "variants":
+    data = sub.add_parser("data", help="describe a task's data: split sizes, vocabulary, baseline, a sample batch",
+                          epilog="Task options follow as --name value, e.g. "
+                                 "lstm-lab data char_lm --path ../shared/data/tinyshakespeare.txt --seq-len 64")
+    data.add_argument("task", help="copy, adding, char_lm, word_lm or a registered task")
+    data.add_argument("--batch-size", type=int, default=4)
+    data.add_argument("--seed", type=int, default=0)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "data":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "data":
+        try:
+            print(describe_task(args.task, _task_options(extra, data), batch_size=args.batch_size, seed=args.seed))
+        except (ValueError, TypeError, OSError, ImportError, KeyError) as e:
+            print(f"lstm-lab data: error: {e}", file=sys.stderr)
+            return 2
+    elif args.command == "variants":
         print(_variants_table())
     elif args.command == "demo":
         from lstm_lab.cells import resolve_cell

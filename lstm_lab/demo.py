@@ -1,9 +1,8 @@
 """A short demo: train a small model on the adding problem and print the loss falling.
 
-The adding problem (Hochreiter & Schmidhuber 1997; Le et al. 2015): two input
-channels over ``T`` steps, values uniform in [0, 1] and a marker channel with
-exactly two ones, one in each half; the target is the sum of the two marked
-values. Always predicting 1.0 scores an MSE of about 0.167.
+Uses the ``adding`` task of :mod:`lstm_lab.tasks` (two input channels over
+``T`` steps, values and a marker with two ones; the target is the sum of the
+two marked values; always predicting 1.0 scores an MSE of 1/6).
 
 Run it with ``lstm-lab demo`` (``--cell``, ``--steps``, ``--length``, ...).
 This stands in for the default study until the study runner exists.
@@ -18,59 +17,47 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lstm_lab import tasks
 from lstm_lab.recurrent import RNN
 
 
-def adding_batch(key: jax.Array, batch_size: int, length: int) -> tuple[jax.Array, jax.Array]:
-    """``x`` ``[batch, length, 2]`` and target ``[batch]`` of the adding problem."""
-    k_v, k_a, k_b = jax.random.split(key, 3)
-    values = jax.random.uniform(k_v, (batch_size, length))
-    half = length // 2
-    first = jax.random.randint(k_a, (batch_size,), 0, half)
-    second = jax.random.randint(k_b, (batch_size,), half, length)
-    t = jnp.arange(length)[None, :]
-    marker = ((t == first[:, None]) | (t == second[:, None])).astype(jnp.float32)
-    return jnp.stack([values, marker], axis=-1), jnp.sum(values * marker, axis=1)
-
-
 class Regressor(nnx.Module):
-    """RNN -> the last step's output -> a linear read-out."""
+    """RNN -> a linear read-out at every step (the task reads the last)."""
 
-    def __init__(self, cell: str, hidden_size: int, *, rngs: nnx.Rngs):
-        self.rnn = RNN(2, hidden_size, cell, rngs=rngs)
+    def __init__(self, in_features: int, cell: str, hidden_size: int, *, rngs: nnx.Rngs):
+        self.rnn = RNN(in_features, hidden_size, cell, rngs=rngs)
         self.head = nnx.Linear(hidden_size, 1, rngs=rngs)
 
     def __call__(self, x):
         y, _ = self.rnn(x)
-        return self.head(y[:, -1])[:, 0]
+        return self.head(y)
 
 
 def run_demo(cell: str = "lstm", *, steps: int = 400, length: int = 30, hidden_size: int = 32,
              batch_size: int = 64, learning_rate: float = 1e-2, seed: int = 0, log_every: int = 50,
              print_fn=print) -> list[tuple[int, float]]:
     """Train and return ``[(step, mean training MSE over the last log_every steps), ...]``."""
-    model = Regressor(cell, hidden_size, rngs=nnx.Rngs(seed))
+    task = tasks.get("adding", T=length)
+    model = Regressor(task.input_size, cell, hidden_size, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
     opt_state = tx.init(params)
 
-    def loss_fn(params, x, target):
-        return jnp.mean((nnx.merge(graphdef, params)(x) - target) ** 2)
+    def loss_fn(params, batch):
+        return task.loss(nnx.merge(graphdef, params)(batch["inputs"]), batch)
 
     @jax.jit
-    def train_step(params, opt_state, key):
-        x, target = adding_batch(key, batch_size, length)
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, target)
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     print_fn(f"adding problem, T={length}: {cell} with {hidden_size} units, Adam lr={learning_rate}, "
-             f"batch {batch_size}; predicting 1.0 scores MSE ~0.167")
-    key = jax.random.key(seed)
+             f"batch {batch_size}; predicting 1.0 scores MSE {task.baseline['mse']:.3f}")
     history, window, start = [], [], time.perf_counter()
+    batches = task.batches("train", batch_size=batch_size, seed=seed)
     for i in range(1, steps + 1):
-        key, sub = jax.random.split(key)
-        params, opt_state, loss = train_step(params, opt_state, sub)
+        params, opt_state, loss = train_step(params, opt_state, next(batches).arrays())
         window.append(loss)
         if i % log_every == 0 or i == steps:
             mean = float(jnp.mean(jnp.stack(window)))

@@ -1,0 +1,25 @@
+"""Benchmark tasks: ``copy``, ``adding``, ``char_lm``, ``word_lm``; ``get(name, **options)``.
+
+>>> from lstm_lab import tasks
+>>> task = tasks.get("copy", T=5)
+>>> batch = next(task.batches("train", batch_size=2, seed=0))
+>>> batch.inputs.shape, batch.targets.shape, round(task.baseline["loss"], 4)
+((2, 25), (2, 25), 0.8318)
+
+A task of your own is one registered class (or a function returning a task)::
+
+    @tasks.register("parity")
+    class Parity(tasks.Task):
+        name, input_kind, input_size, output_size = "parity", "real", 1, 2
+        ...
+"""
+
+from lstm_lab.tasks.base import SPLITS, Batch, Task, pad_examples, row_sum, sequence_cross_entropy
+from lstm_lab.tasks.registry import get, names, option_names, register
+from lstm_lab.tasks import synthetic as _synthetic  # noqa: F401  (registers copy, adding)
+from lstm_lab.tasks import language as _language  # noqa: F401  (registers char_lm, word_lm)
+from lstm_lab.tasks.synthetic import AddingTask, CopyTask
+from lstm_lab.tasks.language import CharLMTask, WordLMTask
+
+__all__ = ["SPLITS", "AddingTask", "Batch", "CharLMTask", "CopyTask", "Task", "WordLMTask", "get", "names",
+           "option_names", "pad_examples", "register", "row_sum", "sequence_cross_entropy"]
