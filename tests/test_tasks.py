@@ -328,3 +328,23 @@ def test_vocab_roundtrip_and_errors(tmp_path):
     assert Vocab.load(tmp_path / "v.json") == v
     with pytest.raises(ValueError, match="id 0 must be the unknown token"):
         Vocab(["a", "<unk>"])
+
+
+def test_prefetch_keeps_order_and_raises_producer_errors():
+    from lstm_lab.data import prefetch
+
+    task = tasks.get("copy", T=3)
+    direct = _take(task.batches("train", batch_size=2, seed=1), 5)
+    with prefetch(task.batches("train", batch_size=2, seed=1), size=3) as it:
+        ahead = _take(it, 5)
+    for a, b in zip(direct, ahead):
+        np.testing.assert_array_equal(a.inputs, b.inputs)
+
+    def broken():
+        yield 1
+        raise RuntimeError("producer failed at item 2")
+
+    it = prefetch(broken())
+    assert next(it) == 1
+    with pytest.raises(RuntimeError, match="producer failed at item 2"):
+        next(it)

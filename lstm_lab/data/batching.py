@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["Batch", "StreamBatcher", "eval_stream_batches"]
+__all__ = ["Batch", "StreamBatcher", "eval_stream_batches", "prefetch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,3 +114,65 @@ def eval_stream_batches(tokens: np.ndarray, batch_size: int, seq_len: int) -> li
     inputs, targets, weights = (a.reshape(B, cols) for a in (inputs, targets, weights))
     return [Batch(inputs[:, k * T:(k + 1) * T], targets[:, k * T:(k + 1) * T], weights[:, k * T:(k + 1) * T],
                   reset=k == 0, step=k) for k in range(n_windows)]
+
+
+class prefetch:
+    """Iterate ``iterator`` with up to ``size`` items made ahead in a background thread.
+
+    Keeps batch making off the training step's critical path. An exception in
+    the producer is raised in the consumer; ``close()`` (or leaving a ``with``
+    block) stops the producer.
+
+    >>> with prefetch(iter(range(5)), size=2) as it:
+    ...     list(it)
+    [0, 1, 2, 3, 4]
+    """
+
+    _DONE = object()
+
+    def __init__(self, iterator, size: int = 2):
+        import queue
+        import threading
+
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, int(size)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(iter(iterator),), daemon=True)
+        self._thread.start()
+
+    def _produce(self, it):
+        import queue
+
+        try:
+            for item in it:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(self._DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._queue.put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._DONE:
+            self._queue.put(item)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -40,8 +40,10 @@ def read_text(path: str | os.PathLike, *, encoding: str = "utf-8") -> str | byte
 def split_contiguous(text, fractions: Sequence[float] = (0.9, 0.05, 0.05), *, source: str = "text") -> dict:
     """Contiguous train/valid/test pieces of ``text`` (str or bytes) by ``fractions``.
 
-    >>> split_contiguous("abcdefghij", (0.8, 0.1, 0.1))
-    {'train': 'abcdefgh', 'valid': 'i', 'test': 'j'}
+    Each piece needs at least 2 characters (one input, one target).
+
+    >>> split_contiguous("abcdefghijklmnopqrst", (0.8, 0.1, 0.1))
+    {'train': 'abcdefghijklmnop', 'valid': 'qr', 'test': 'st'}
     """
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
