@@ -86,6 +86,33 @@ def describe_task(name: str, options: dict, *, batch_size: int = 4, seed: int = 
     return "\n".join(lines)
 
 
+def _train(args, parser) -> int:
+    import pathlib
+
+    from lstm_lab.config import load_config, parse_value
+    from lstm_lab.training import RunConflictError, train
+
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set expects KEY=VALUE; got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = parse_value(value)
+    try:
+        cfg = load_config(args.config, overrides)
+        workdir = args.workdir or str(pathlib.Path("runs") / pathlib.Path(args.config).stem)
+        summary = train(cfg, workdir, force=args.force, resume=args.resume or None, quiet=args.quiet)
+    except (KeyError, TypeError, ValueError, FileNotFoundError, RunConflictError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"lstm-lab train: error: {msg}", file=sys.stderr)
+        return 2
+    if summary["status"] == "diverged":
+        print(f"lstm-lab train: the run diverged at step {summary['diverged_at_step']} (non-finite loss); "
+              f"lower optim.learning_rate or set optim.clip_norm. Record: {workdir}/summary.json", file=sys.stderr)
+        return 3
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lstm-lab", description="LSTM-family cells, experiments and studies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("task", help="copy, adding, char_lm, word_lm or a registered task")
     data.add_argument("--batch-size", type=int, default=4)
     data.add_argument("--seed", type=int, default=0)
+    tr = sub.add_parser("train", help="train one config: lstm-lab train experiments/copy.py [--set key=value ...]")
+    tr.add_argument("config", help="an experiment file (experiments/*.py) or a run's config.json")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set model.cell=cifg --set task.options.T=50")
+    tr.add_argument("--workdir", help="run directory (default runs/<config name>)")
+    tr.add_argument("--resume", action="store_true", help="require a checkpoint in the workdir and resume it")
+    tr.add_argument("--force", action="store_true", help="move a different run in the workdir aside and start over")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    sa = sub.add_parser("sample", help="sample text from a trained char_lm or word_lm run")
+    sa.add_argument("workdir")
+    sa.add_argument("--prompt", default="")
+    sa.add_argument("--length", type=int, default=300)
+    sa.add_argument("--temperature", type=float, default=1.0)
+    sa.add_argument("--seed", type=int, default=0)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "data":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -111,6 +152,17 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_task(args.task, _task_options(extra, data), batch_size=args.batch_size, seed=args.seed))
         except (ValueError, TypeError, OSError, ImportError, KeyError) as e:
             print(f"lstm-lab data: error: {e}", file=sys.stderr)
+            return 2
+    elif args.command == "train":
+        return _train(args, tr)
+    elif args.command == "sample":
+        from lstm_lab.training import sample
+
+        try:
+            print(sample(args.workdir, prompt=args.prompt, length=args.length, temperature=args.temperature,
+                         seed=args.seed))
+        except (ValueError, OSError) as e:
+            print(f"lstm-lab sample: error: {e}", file=sys.stderr)
             return 2
     elif args.command == "variants":
         print(_variants_table())

@@ -379,7 +379,7 @@ class RNN(nnx.Module):
         return initial_carry
 
     # -- forward -----------------------------------------------------------
-    def _forward(self, x, batch_shape, T, lengths, initial_carry, deterministic, trace_at=None):
+    def _forward(self, x, batch_shape, T, lengths, initial_carry, deterministic, trace_at=None, dropout_key=None):
         cd = jnp.dtype(self.dtype) if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
         acc = _acc_dtype(cd)
         B = math.prod(batch_shape)
@@ -408,7 +408,8 @@ class RNN(nnx.Module):
                 layer_final.append(jax.tree.map(lambda a: a.reshape(*batch_shape, a.shape[-1]), cf))
             h = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
             if self.dropout is not None and li < self.num_layers - 1 and not deterministic:
-                h = self.dropout(h, deterministic=False)
+                key = None if dropout_key is None else jax.random.fold_in(dropout_key, li)
+                h = self.dropout(h, deterministic=False, rngs=key)
             finals.append(tuple(layer_final))
         return self._unflatten(h, batch_shape, T), tuple(finals)
 
@@ -419,11 +420,14 @@ class RNN(nnx.Module):
             return a.reshape(T, *batch_shape, K)
         return jnp.swapaxes(a, 0, 1).reshape(*batch_shape, T, K)
 
-    def __call__(self, x, seq_lengths=None, initial_carry=None, deterministic: bool = True):
+    def __call__(self, x, seq_lengths=None, initial_carry=None, deterministic: bool = True, *,
+                 dropout_key: jax.Array | None = None):
+        """See the class docstring. ``dropout_key``: a PRNG key for the dropout between layers
+        (``deterministic=False``); without one, the layer's own ``dropout`` rng stream is used."""
         x, batch_shape, T = self._check_x(x)
         lengths = self._check_lengths(seq_lengths, batch_shape, T)
         initial_carry = self._check_carry(initial_carry, batch_shape)
-        return self._forward(x, batch_shape, T, lengths, initial_carry, deterministic)
+        return self._forward(x, batch_shape, T, lengths, initial_carry, deterministic, dropout_key=dropout_key)
 
 
 def _describe_tree(tree) -> str:

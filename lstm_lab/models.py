@@ -1,0 +1,112 @@
+"""SequenceModel: input encoder -> RNN stack -> optional dropout -> dense head.
+
+One vector of ``output_size`` per time step: logits for token and class
+tasks, a real value for regression (the task decides which step it reads).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lstm_lab.cells import resolve_cell, CellSpec
+from lstm_lab.config import ModelConfig
+from lstm_lab.recurrent import RNN
+
+__all__ = ["SequenceModel", "cell_from_config"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+
+def cell_from_config(cell) -> CellSpec:
+    """A CellSpec from a preset name or a dict of CellSpec fields."""
+    if isinstance(cell, dict):
+        return CellSpec(**cell)
+    return resolve_cell(cell)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class SequenceModel(nnx.Module):
+    """Encoder -> :class:`~lstm_lab.RNN` -> head.
+
+    Args:
+      input_kind: ``"tokens"`` (an embedding of ``input_size`` ids) or
+        ``"real"`` (``input_size`` features, fed to the RNN directly, or
+        through a linear encoder of ``embed_dim`` when it is set).
+      input_size, output_size: from the task.
+      cfg: :class:`~lstm_lab.config.ModelConfig`.
+
+    Call: ``outputs, carry = model(inputs, carry=None, key=None, train=False)``
+    with ``inputs`` ``[B, T]`` ids or ``[B, T, F]`` floats; ``outputs``
+    ``[B, T, output_size]`` in float32. Training (``train=True``) applies
+    Gaussian input noise and dropout, drawn from ``key``.
+    """
+
+    def __init__(self, input_kind: str, input_size: int, output_size: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if input_kind not in ("tokens", "real"):
+            raise ValueError(f"input_kind must be 'tokens' or 'real'; got {input_kind!r}.")
+        if cfg.dtype not in _DTYPES:
+            raise ValueError(f"model.dtype must be one of {', '.join(_DTYPES)}; got {cfg.dtype!r}.")
+        for name in ("dropout", "output_dropout"):
+            if not 0.0 <= getattr(cfg, name) < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1); got {getattr(cfg, name)!r}.")
+        if cfg.input_noise < 0:
+            raise ValueError(f"model.input_noise must be >= 0; got {cfg.input_noise!r}.")
+        self.cfg = cfg
+        self.input_kind = input_kind
+        spec = cell_from_config(cfg.cell)
+        embed_dim = cfg.embed_dim or cfg.hidden_size
+        if input_kind == "tokens":
+            self.encoder = nnx.Embed(input_size, embed_dim, rngs=rngs)
+            rnn_in = embed_dim
+        elif cfg.embed_dim:
+            self.encoder = nnx.Linear(input_size, cfg.embed_dim, rngs=rngs)
+            rnn_in = cfg.embed_dim
+        else:
+            self.encoder = None
+            rnn_in = input_size
+        self.rnn = RNN(rnn_in, cfg.hidden_size, spec, num_layers=cfg.num_layers, bidirectional=cfg.bidirectional,
+                       dropout=cfg.dropout, dtype=_DTYPES[cfg.dtype], forget_bias=cfg.forget_bias,
+                       chrono_init=cfg.chrono_init or None, unroll=cfg.unroll, rngs=rngs)
+        out_in = cfg.hidden_size * (2 if cfg.bidirectional else 1)
+        if cfg.tie_weights:
+            if input_kind != "tokens":
+                raise ValueError("model.tie_weights needs a token task (an embedding to tie to).")
+            if embed_dim != out_in:
+                raise ValueError(f"model.tie_weights needs embed_dim == the RNN output size: embed_dim={embed_dim}, "
+                                 f"output {out_in}. Set model.embed_dim={out_in} (or 0).")
+            self.head = None
+            self.head_bias = nnx.Param(jnp.zeros((output_size,), jnp.float32))
+        else:
+            self.head = nnx.Linear(out_in, output_size, rngs=rngs)
+
+    def initialize_carry(self, batch_size: int):
+        return self.rnn.initialize_carry((batch_size,))
+
+    def __call__(self, inputs, carry=None, *, key: jax.Array | None = None, train: bool = False):
+        cfg = self.cfg
+        if train and key is None and (cfg.dropout or cfg.output_dropout or cfg.input_noise or
+                                      self.rnn.dropout is not None):
+            raise ValueError("SequenceModel: train=True with dropout or input noise needs a PRNG key.")
+        keys = jax.random.split(key, 4) if key is not None else [None] * 4
+        if self.input_kind == "tokens":
+            x = self.encoder(inputs)
+        else:
+            x = inputs.astype(jnp.float32)
+            if self.encoder is not None:
+                x = self.encoder(x)
+        if train and cfg.input_noise > 0:
+            x = x + cfg.input_noise * jax.random.normal(keys[0], x.shape, x.dtype)
+        if train and cfg.dropout > 0:
+            x = _dropout(x, cfg.dropout, keys[1])
+        y, carry = self.rnn(x, initial_carry=carry, deterministic=not train, dropout_key=keys[2])
+        y = y.astype(jnp.float32)
+        if train and cfg.output_dropout > 0:
+            y = _dropout(y, cfg.output_dropout, keys[3])
+        out = self.encoder.attend(y) + self.head_bias[...] if self.head is None else self.head(y)
+        return out.astype(jnp.float32), carry
