@@ -30,7 +30,7 @@ import typing
 from typing import Any
 
 __all__ = ["Config", "TaskConfig", "ModelConfig", "OptimConfig", "TrainConfig", "apply_overrides", "load_config",
-           "parse_value", "flat_keys", "to_dict", "from_dict"]
+           "parse_value", "flat_keys", "to_dict", "to_overrides", "from_dict"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +177,11 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def to_overrides(cfg: Config) -> dict[str, Any]:
+    """Every field as a dotted key (``task.options`` stays one dict): ``apply_overrides(Config(), ...)`` rebuilds ``cfg``."""
+    return {f"{section}.{name}": value for section, fields in to_dict(cfg).items() for name, value in fields.items()}
 
 
 def from_dict(data: dict) -> Config:

@@ -150,16 +150,6 @@ def _normalized(d):
     return json.loads(json.dumps(d, default=_json_default))
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "options":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 class _Metrics:
     """metrics.jsonl plus TensorBoard events (when tensorboardX is importable)."""
 
@@ -249,7 +239,8 @@ def _prepare_workdir(workdir: pathlib.Path, record: dict, force: bool, log) -> N
     if cfile.exists():
         stored = json.loads(cfile.read_text()).get("config")
         if _normalized(stored) != _normalized(record["config"]):
-            a, b = _flat(_normalized(stored) or {}), _flat(_normalized(record["config"]))
+            a = {f"{s}.{k}": v for s, sec in (_normalized(stored) or {}).items() for k, v in sec.items()}
+            b = {f"{s}.{k}": v for s, sec in _normalized(record["config"]).items() for k, v in sec.items()}
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             if not force:
                 raise RunConflictError(
@@ -535,7 +526,8 @@ def sample(workdir, *, prompt: str = "", length: int = 300, temperature: float =
     @jax.jit
     def step_fn(tokens, carry, key):
         out, carry = model(tokens, carry)
-        return jax.random.categorical(key, out[:, -1] / temperature), carry
+        logits = (out[:, -1] / temperature).at[:, 0].set(-jnp.inf)  # never the unknown token
+        return jax.random.categorical(key, logits), carry
 
     if vocab.kind == "word":
         words = prompt.split() or ["<eos>"]
