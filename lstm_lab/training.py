@@ -413,6 +413,9 @@ def _fit(cfg: Config, task, info, tx, wd: pathlib.Path, *, resume, quiet, log) -
             step += 1
             pending.append((step, loss))
             at_eval = step % t.eval_every == 0 or step == t.steps
+            out_of_time = bool(t.max_minutes) and step < t.steps and \
+                time.perf_counter() - start_wall > 60 * t.max_minutes
+            at_eval = at_eval or out_of_time  # evaluate and checkpoint where the time runs out
             if step % t.log_every == 0 or at_eval:
                 losses = np.asarray(jax.device_get([l for _, l in pending]), np.float64)
                 bad = np.flatnonzero(~np.isfinite(losses))
@@ -456,7 +459,7 @@ def _fit(cfg: Config, task, info, tx, wd: pathlib.Path, *, resume, quiet, log) -
                     status, reason = "stopped_early", (f"no validation improvement in {meta['bad_evals']} "
                                                        f"evaluations (best at step {meta['best_step']})")
                     break
-                if t.max_minutes and (time.perf_counter() - start_wall) > 60 * t.max_minutes:
+                if out_of_time:
                     status, reason = "stopped_early", f"time limit of {t.max_minutes} minutes"
                     break
             if kill_at and step == kill_at:

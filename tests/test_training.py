@@ -135,6 +135,15 @@ def test_train_records_and_finished_run(tmp_path):
     assert again == on_disk
 
 
+def test_time_limit_stops_early_with_an_evaluated_checkpoint(tmp_path):
+    s = train(tiny_copy(**{"train.steps": 10_000, "train.eval_every": 5000, "train.max_minutes": 1e-9}),
+              tmp_path / "run", quiet=True)
+    assert s["status"] == "stopped_early" and "time limit" in s["reason"]
+    assert s["steps"] == 1 and s["best_step"] == 1 and s["test"]["loss"] > 0
+    done = train(tiny_copy(**{"train.max_minutes": 60.0}), tmp_path / "full", quiet=True)
+    assert done["status"] == "completed" and done["reason"] is None
+
+
 def test_workdir_with_a_different_run_is_refused_then_moved_aside(tmp_path):
     wd = tmp_path / "run"
     train(tiny_copy(), wd, quiet=True)
