@@ -145,7 +145,8 @@ def _coerce(key: str, value: Any, hint) -> Any:
 
 
 def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.85)
+    close = close or difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
@@ -168,7 +169,12 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
             sections["task"] = dataclasses.replace(sections["task"], options=opts)
             continue
         if len(parts) != 2 or parts[0] not in sections or parts[1] not in _fields(type(sections[parts[0]])):
-            raise KeyError(f"config: unknown key {key!r}.{_did_you_mean(key, flat_keys(cfg) + ['task.options.<name>'])}")
+            if len(parts) == 2 and parts[0] in sections:  # a known section: suggest among its fields
+                same = [f"{parts[0]}.{f}" for f in _fields(type(sections[parts[0]]))]
+                hint = _did_you_mean(key, same) or _did_you_mean(key, flat_keys(cfg))
+            else:
+                hint = _did_you_mean(key, flat_keys(cfg) + ["task.options.<name>"])
+            raise KeyError(f"config: unknown key {key!r}.{hint}")
         section = sections[parts[0]]
         value = _coerce(key, value, _hints(type(section))[parts[1]])
         sections[parts[0]] = dataclasses.replace(section, **{parts[1]: value})
