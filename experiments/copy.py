@@ -1,7 +1,7 @@
 """Copy-memory task (Arjovsky et al. 2016) with delay T = 20.
 
 lstm-lab train experiments/copy.py                       # T = 20
-lstm-lab train experiments/copy.py --set task.options.T=50
+lstm-lab train experiments/copy.py --set task.options.T=50 --set model.chrono_init=70.0
 """
 
 overrides = {
