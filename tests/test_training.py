@@ -144,6 +144,18 @@ def test_time_limit_stops_early_with_an_evaluated_checkpoint(tmp_path):
     assert done["status"] == "completed" and done["reason"] is None
 
 
+def test_early_stopping_and_plateau_decay(tmp_path):
+    """With a learning rate too small to move the loss, validation never improves after the first evaluation."""
+    s = train(tiny_copy(**{"optim.learning_rate": 1e-30, "train.steps": 100, "train.early_stop_patience": 2,
+                           "optim.schedule": "plateau", "optim.decay_patience": 1, "optim.decay_factor": 0.5}),
+              tmp_path / "run", quiet=True)
+    assert s["status"] == "stopped_early" and "no validation improvement in 2 evaluations" in s["reason"]
+    assert s["steps"] == 30 and s["best_step"] == 10
+    scales = [r["lr_scale"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"]
+    assert scales == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5]  # records at steps 5..30; halved by the evaluation at step 20
+
+
 def test_workdir_with_a_different_run_is_refused_then_moved_aside(tmp_path):
     wd = tmp_path / "run"
     train(tiny_copy(), wd, quiet=True)
