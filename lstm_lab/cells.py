@@ -49,12 +49,13 @@ computes it for all time steps in one matmul before the scan, and
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from lstm_lab._hints import did_you_mean
 
 __all__ = [
     "CellSpec",
@@ -93,11 +94,6 @@ _LSTM_FLAGS = {
     "input_activation": "tanh",
     "output_activation": "tanh",
 }
-
-
-def _did_you_mean(name: str, options) -> str:
-    close = difflib.get_close_matches(str(name).lower(), list(options), n=3, cutoff=0.5)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +142,7 @@ class CellSpec:
         if self.family not in FAMILIES:
             raise ValueError(
                 f"CellSpec: unknown family {self.family!r}; expected one of "
-                f"{', '.join(FAMILIES)}.{_did_you_mean(self.family, FAMILIES)}")
+                f"{', '.join(FAMILIES)}.{did_you_mean(str(self.family).lower(), FAMILIES)}")
         for name in ("input_gate", "forget_gate", "output_gate", "peepholes", "coupled",
                      "full_gate_recurrence", "reset_after"):
             value = getattr(self, name)
@@ -157,7 +153,7 @@ class CellSpec:
             if value not in ACTIVATIONS:
                 raise ValueError(
                     f"CellSpec: {name}={value!r} is not a known activation; expected one of "
-                    f"{', '.join(ACTIVATIONS)}.{_did_you_mean(value, ACTIVATIONS)}")
+                    f"{', '.join(ACTIVATIONS)}.{did_you_mean(str(value).lower(), ACTIVATIONS)}")
         if self.family != "lstm":
             for name, default in _LSTM_FLAGS.items():
                 if getattr(self, name) != default:
@@ -294,7 +290,7 @@ def resolve_cell(cell: "str | CellSpec") -> CellSpec:
             return VARIANTS[key]
         raise ValueError(
             f"unknown cell preset {cell!r}; expected one of {', '.join(VARIANTS)} or a "
-            f"CellSpec.{_did_you_mean(key, VARIANTS)}")
+            f"CellSpec.{did_you_mean(key, VARIANTS)}")
     raise TypeError(f"cell must be a preset name or a CellSpec; got {type(cell).__name__}: {cell!r}")
 
 

@@ -23,16 +23,9 @@ def _variants_table() -> str:
     return "\n".join(lines)
 
 
-def _parse_value(text: str):
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def _task_options(extra: list[str], parser) -> dict:
+    from lstm_lab.config import parse_value
+
     """``--key value`` / ``--key=value`` pairs (dashes become underscores) -> task options."""
     opts, i = {}, 0
     while i < len(extra):
@@ -47,7 +40,7 @@ def _task_options(extra: list[str], parser) -> dict:
                 parser.error(f"option {arg} needs a value")
             key, value = arg[2:], extra[i + 1]
             i += 2
-        opts[key.replace("-", "_")] = _parse_value(value)
+        opts[key.replace("-", "_")] = parse_value(value)
     return opts
 
 

@@ -22,12 +22,13 @@ the command-line overrides after the file's.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import json
 import pathlib
 import typing
 from typing import Any
+
+from lstm_lab._hints import did_you_mean
 
 __all__ = ["Config", "TaskConfig", "ModelConfig", "OptimConfig", "TrainConfig", "apply_overrides", "load_config",
            "parse_value", "flat_keys", "to_dict", "to_overrides", "from_dict"]
@@ -144,12 +145,6 @@ def _coerce(key: str, value: Any, hint) -> Any:
     raise TypeError(f"config: {key} must be {hint.__name__}; got {value!r} ({type(value).__name__}).")
 
 
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.85)
-    close = close or difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-
-
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     """``cfg`` with dotted-key overrides applied; ``task.options.X`` sets one task option.
 
@@ -171,9 +166,9 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
         if len(parts) != 2 or parts[0] not in sections or parts[1] not in _fields(type(sections[parts[0]])):
             if len(parts) == 2 and parts[0] in sections:  # a known section: suggest among its fields
                 same = [f"{parts[0]}.{f}" for f in _fields(type(sections[parts[0]]))]
-                hint = _did_you_mean(key, same) or _did_you_mean(key, flat_keys(cfg))
+                hint = did_you_mean(key, same) or did_you_mean(key, flat_keys(cfg))
             else:
-                hint = _did_you_mean(key, flat_keys(cfg) + ["task.options.<name>"])
+                hint = did_you_mean(key, flat_keys(cfg) + ["task.options.<name>"])
             raise KeyError(f"config: unknown key {key!r}.{hint}")
         section = sections[parts[0]]
         value = _coerce(key, value, _hints(type(section))[parts[1]])
@@ -195,7 +190,7 @@ def from_dict(data: dict) -> Config:
     flat = {f"{s}.{k}": v for s, sec in data.items() for k, v in (sec.items() if isinstance(sec, dict) else [])}
     for s in data:
         if s not in _fields(Config):
-            raise KeyError(f"config: unknown section {s!r}.{_did_you_mean(s, _fields(Config))}")
+            raise KeyError(f"config: unknown section {s!r}.{did_you_mean(s, _fields(Config))}")
     return apply_overrides(Config(), flat)
 
 

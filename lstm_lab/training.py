@@ -42,6 +42,7 @@ from flax import nnx
 
 import lstm_lab
 from lstm_lab import tasks as tasks_lib
+from lstm_lab._hints import did_you_mean
 from lstm_lab.config import Config, OptimConfig, to_dict
 from lstm_lab.data.batching import prefetch
 from lstm_lab.models import SequenceModel, cell_from_config
@@ -60,10 +61,7 @@ class RunConflictError(RuntimeError):
 
 def _choice(kind: str, value: str, options) -> str:
     if value not in options:
-        import difflib
-        close = difflib.get_close_matches(value, options, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"config: {kind}={value!r} is not one of {', '.join(options)}.{hint}")
+        raise ValueError(f"config: {kind}={value!r} is not one of {', '.join(options)}.{did_you_mean(value, options)}")
     return value
 
 

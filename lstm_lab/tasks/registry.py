@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Callable
+
+from lstm_lab._hints import did_you_mean
 
 __all__ = ["register", "get", "names", "option_names"]
 
@@ -40,11 +41,6 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _did_you_mean(word, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-
-
 def option_names(name: str) -> dict[str, object]:
     """The options a task takes, with their defaults (``inspect.Parameter.empty`` when required)."""
     factory = _lookup(name)
@@ -55,7 +51,7 @@ def option_names(name: str) -> dict[str, object]:
 
 def _lookup(name: str):
     if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; registered: {', '.join(names())}.{_did_you_mean(name, _REGISTRY)}")
+        raise ValueError(f"unknown task {name!r}; registered: {', '.join(names())}.{did_you_mean(name, _REGISTRY)}")
     return _REGISTRY[name]
 
 
@@ -68,7 +64,7 @@ def get(name: str, **options):
         for key in options:
             if key not in known:
                 raise ValueError(f"task {name!r} has no option {key!r}; its options are "
-                                 f"{', '.join(known) or '(none)'}.{_did_you_mean(key, known)}")
+                                 f"{', '.join(known) or '(none)'}.{did_you_mean(key, known)}")
         missing = [k for k, v in known.items() if v is inspect.Parameter.empty and k not in options]
         if missing:
             raise ValueError(f"task {name!r} needs option(s) {', '.join(missing)}.")
