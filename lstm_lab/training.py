@@ -22,7 +22,6 @@ on the CPU.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -347,9 +346,12 @@ def _fit(cfg: Config, task, info, tx, wd: pathlib.Path, *, resume, quiet, log) -
         out, new_carry = m(batch["inputs"], carry if stateful else None, key=key, train=True)
         return task.loss(out, batch), (new_carry if stateful else {})
 
+    def reset(carry, batch):  # a new epoch (or split) starts from zeros
+        return jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), carry)
+
     def train_step(params, opt_state, carry, batch, key, lr_scale):
-        if stateful:  # a new epoch starts from zeros
-            carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), carry)
+        if stateful:
+            carry = reset(carry, batch)
         (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, carry, batch, key)
         updates, opt_state = tx.update(grads, opt_state, params)
         updates = jax.tree.map(lambda u: u * lr_scale, updates)
@@ -358,7 +360,7 @@ def _fit(cfg: Config, task, info, tx, wd: pathlib.Path, *, resume, quiet, log) -
     def eval_step(params, carry, batch):
         m = nnx.merge(graphdef, params, rest)
         if stateful:
-            carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), carry)
+            carry = reset(carry, batch)
         out, new_carry = m(batch["inputs"], carry if stateful else None, train=False)
         return task.metric_sums(out, batch), (new_carry if stateful else {})
 
@@ -376,8 +378,7 @@ def _fit(cfg: Config, task, info, tx, wd: pathlib.Path, *, resume, quiet, log) -
         for b in eval_cache[split]:
             sums, carry = eval_step(params, carry, b)
             parts.append(sums)
-        totals = {k: float(sum(np.sum(np.asarray(p[k], np.float64)) for p in parts)) for k in parts[0]}
-        return {k: float(v) for k, v in task.summarize(totals).items()}
+        return task.summarize_batches(parts)
 
     params, opt_state = put_repl(state["params"]), put_repl(state["opt_state"])
     carry = put_data(state["carry"]) if stateful and n_dev > 1 else state["carry"]
@@ -385,7 +386,6 @@ def _fit(cfg: Config, task, info, tx, wd: pathlib.Path, *, resume, quiet, log) -
     base_key = jax.random.fold_in(jax.random.key(t.seed), 1)
     kill_at = int(os.environ.get(DEBUG_KILL_ENV, "0") or 0)
     metrics = _Metrics(wd, quiet)
-    tokens_per_step = t.batch_size * (task.seq_len if stateful else 1)
     bar = None
     if not quiet and sys.stderr.isatty():
         from tqdm import tqdm
@@ -403,6 +403,7 @@ def _fit(cfg: Config, task, info, tx, wd: pathlib.Path, *, resume, quiet, log) -
     try:
         while step < t.steps:
             batch = next(batches)
+            tokens_per_step = batch.inputs.shape[0] * batch.inputs.shape[1]  # B x T input steps
             arrays = {k: put_data(v) for k, v in batch.arrays().items()}
             arrays["reset"] = np.bool_(batch.reset)
             key = jax.random.fold_in(base_key, step)

@@ -12,7 +12,7 @@ import pytest
 
 from lstm_lab import tasks
 from lstm_lab.cli import main
-from lstm_lab.data import StreamBatcher, Vocab, eval_stream_batches, read_text, split_contiguous
+from lstm_lab.data import StreamBatcher, Vocab, eval_stream_batches, split_contiguous
 
 
 def _take(it, n):

@@ -100,14 +100,16 @@ class Task(abc.ABC):
         sums = self.metric_sums(outputs, batch)
         return jnp.sum(sums["loss_sum"]) / jnp.maximum(jnp.sum(sums["weight"]), 1e-9)
 
+    def summarize_batches(self, sums_per_batch: list[dict]) -> dict[str, float]:
+        """:meth:`summarize` of many batches' :meth:`metric_sums`, added up in float64 on the host."""
+        keys = sums_per_batch[0].keys()
+        totals = {k: float(sum(np.sum(np.asarray(s[k], np.float64)) for s in sums_per_batch)) for k in keys}
+        return {k: float(v) for k, v in self.summarize(totals).items()}
+
     def evaluate(self, outputs_fn, split: str, batch_size: int) -> dict[str, float]:
         """Score ``outputs_fn(batch) -> outputs`` over a whole split (no carry passing)."""
-        total: dict[str, float] = {}
-        for batch in self.eval_batches(split, batch_size):
-            sums = self.metric_sums(outputs_fn(batch), batch.arrays())
-            for k, v in sums.items():
-                total[k] = total.get(k, 0.0) + float(np.sum(np.asarray(v, np.float64)))
-        return self.summarize(total)
+        return self.summarize_batches([self.metric_sums(outputs_fn(b), b.arrays())
+                                       for b in self.eval_batches(split, batch_size)])
 
     # -- description ---------------------------------------------------------
     @property
