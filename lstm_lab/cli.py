@@ -106,6 +106,50 @@ def _train(args, parser) -> int:
     return 0
 
 
+def _study_cmd(args) -> int:
+    """sweep / worker / status / report."""
+    import json
+    import pathlib
+
+    from lstm_lab import sweep
+    from lstm_lab.sweep.runner import StorageError, StudyConflictError
+
+    name = f"lstm-lab {args.command}"
+    try:
+        if args.command in ("sweep", "worker"):
+            study = sweep.load_study(args.study)
+            study_dir = pathlib.Path(args.dir) if args.dir else sweep.default_dir(study)
+            if args.command == "worker":
+                from lstm_lab.sweep.runner import run_worker
+
+                run_worker(study, study_dir, storage=args.storage, population=args.population or study.population,
+                           log=lambda m: print(m, file=sys.stderr))
+                return 0
+            st = sweep.run(study, study_dir, workers=args.workers, population=args.population or study.population,
+                           storage=args.storage,
+                           force=args.force, log=lambda m: print(m, file=sys.stderr))
+            from lstm_lab.sweep.runner import format_status
+
+            print(format_status(st))
+            if not args.no_report and st["complete"]:
+                path = sweep.report(study_dir, storage=args.storage)
+                print(f"report: {path} (and {path.with_suffix('.html')})")
+            return 0 if st["waiting"] == 0 and st["running"] == 0 else 1
+        if args.command == "status":
+            from lstm_lab.sweep.runner import format_status
+
+            st = sweep.status(args.study_dir, storage=args.storage)
+            print(json.dumps(st, indent=2, default=str) if args.json else format_status(st))
+            return 0
+        path = sweep.report(args.study_dir, args.out, storage=args.storage)
+        print(f"report: {path} (and {path.with_suffix('.html')})")
+        return 0
+    except (sweep.StudyError, StudyConflictError, StorageError, FileNotFoundError, KeyError, TypeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{name}: error: {msg}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lstm-lab", description="LSTM-family cells, experiments and studies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +181,26 @@ def main(argv: list[str] | None = None) -> int:
     sa.add_argument("--length", type=int, default=300)
     sa.add_argument("--temperature", type=float, default=1.0)
     sa.add_argument("--seed", type=int, default=0)
+    sw = sub.add_parser("sweep", help="run a study: variants x hyperparameters x seeds (resumable), then report",
+                        epilog="Example: lstm-lab sweep experiments/quick.py --workers 2 --population 8")
+    wk = sub.add_parser("worker", help="one more worker on a study that `lstm-lab sweep` created")
+    for p in (sw, wk):
+        p.add_argument("study", help="a study file (experiments/quick.py, experiments/odyssey_*.py)")
+        p.add_argument("--dir", help="study directory (default studies/<study name>)")
+        p.add_argument("--population", type=int, default=None, metavar="K",
+                       help="train up to K trials of the same shape as one vmapped program (default: the study's)")
+        p.add_argument("--storage", help="an SQLAlchemy URL (default: sqlite study.db in the study directory)")
+    sw.add_argument("--workers", type=int, default=1, metavar="N", help="N local worker processes")
+    sw.add_argument("--force", action="store_true", help="move a different study in --dir aside and start over")
+    sw.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    stt = sub.add_parser("status", help="per-variant progress of a study: planned/done/running/failed, best, ETA")
+    stt.add_argument("study_dir")
+    stt.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    stt.add_argument("--storage", help="the study's SQLAlchemy URL if not the one in study.json")
+    rp = sub.add_parser("report", help="write report.md/.html, figures and trials.csv for a study")
+    rp.add_argument("study_dir")
+    rp.add_argument("--out", help="output directory (default <study_dir>/report)")
+    rp.add_argument("--storage", help="the study's SQLAlchemy URL if not the one in study.json")
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "data":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -148,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     elif args.command == "train":
         return _train(args, tr)
+    elif args.command in ("sweep", "worker", "status", "report"):
+        return _study_cmd(args)
     elif args.command == "sample":
         from lstm_lab.training import sample
 

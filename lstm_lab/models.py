@@ -88,7 +88,9 @@ class SequenceModel(nnx.Module):
     def initialize_carry(self, batch_size: int):
         return self.rnn.initialize_carry((batch_size,))
 
-    def __call__(self, inputs, carry=None, *, key: jax.Array | None = None, train: bool = False):
+    def __call__(self, inputs, carry=None, *, key: jax.Array | None = None, train: bool = False,
+                 input_noise: jax.Array | None = None):
+        """``input_noise`` (a traced scalar) replaces ``cfg.input_noise`` when given (vmapped populations)."""
         cfg = self.cfg
         if train and key is None and (cfg.dropout or cfg.output_dropout or cfg.input_noise or
                                       self.rnn.dropout is not None):
@@ -100,7 +102,9 @@ class SequenceModel(nnx.Module):
             x = inputs.astype(jnp.float32)
             if self.encoder is not None:
                 x = self.encoder(x)
-        if train and cfg.input_noise > 0:
+        if train and input_noise is not None:
+            x = x + input_noise.astype(x.dtype) * jax.random.normal(keys[0], x.shape, x.dtype)
+        elif train and cfg.input_noise > 0:
             x = x + cfg.input_noise * jax.random.normal(keys[0], x.shape, x.dtype)
         if train and cfg.dropout > 0:
             x = _dropout(x, cfg.dropout, keys[1])

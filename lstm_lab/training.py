@@ -46,7 +46,7 @@ from lstm_lab.config import Config, OptimConfig, to_dict
 from lstm_lab.data.batching import prefetch
 from lstm_lab.models import SequenceModel, cell_from_config
 
-__all__ = ["train", "build_optimizer", "build_model", "RunConflictError", "STATUSES", "load_run", "sample"]
+__all__ = ["train", "build_optimizer", "make_optimizer", "build_model", "RunConflictError", "STATUSES", "load_run", "sample"]
 
 STATUSES = ("completed", "diverged", "stopped_early", "failed")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -77,7 +77,19 @@ def build_optimizer(ocfg: OptimConfig, total_steps: int) -> optax.GradientTransf
     _choice("optim.schedule", ocfg.schedule, SCHEDULES)
     if not ocfg.learning_rate > 0:
         raise ValueError(f"config: optim.learning_rate must be > 0; got {ocfg.learning_rate!r}.")
-    lr = ocfg.learning_rate
+    return make_optimizer(ocfg, total_steps)
+
+
+VMAPPABLE_OPTIM = ("learning_rate", "momentum", "b1", "b2", "weight_decay")
+
+
+def make_optimizer(ocfg: OptimConfig, total_steps: int, hyper: dict | None = None) -> optax.GradientTransformation:
+    """:func:`build_optimizer` without the checks; ``hyper`` may replace the numeric hyperparameters
+    (:data:`VMAPPABLE_OPTIM`) with traced arrays, so that a population of trials can be vmapped over them.
+    With ``hyper``, SGD and RMSprop always keep a momentum buffer (momentum 0 is then a plain step)."""
+    h = {k: getattr(ocfg, k) for k in VMAPPABLE_OPTIM}
+    h.update(hyper or {})
+    lr = h["learning_rate"]
     if ocfg.schedule == "cosine":
         if ocfg.warmup_steps:
             lr = optax.warmup_cosine_decay_schedule(0.0, lr, ocfg.warmup_steps, max(total_steps, ocfg.warmup_steps + 1))
@@ -86,14 +98,16 @@ def build_optimizer(ocfg: OptimConfig, total_steps: int) -> optax.GradientTransf
     elif ocfg.warmup_steps:
         lr = optax.join_schedules([optax.linear_schedule(0.0, lr, ocfg.warmup_steps), optax.constant_schedule(lr)],
                                   [ocfg.warmup_steps])
+    traced = hyper is not None
     if ocfg.name == "sgd":
-        opt = optax.sgd(lr, momentum=ocfg.momentum or None, nesterov=ocfg.nesterov and ocfg.momentum > 0)
+        momentum = h["momentum"] if traced else (h["momentum"] or None)
+        opt = optax.sgd(lr, momentum=momentum, nesterov=ocfg.nesterov and (traced or h["momentum"] > 0))
     elif ocfg.name == "adam":
-        opt = optax.adam(lr, b1=ocfg.b1, b2=ocfg.b2)
+        opt = optax.adam(lr, b1=h["b1"], b2=h["b2"])
     elif ocfg.name == "adamw":
-        opt = optax.adamw(lr, b1=ocfg.b1, b2=ocfg.b2, weight_decay=ocfg.weight_decay)
+        opt = optax.adamw(lr, b1=h["b1"], b2=h["b2"], weight_decay=h["weight_decay"])
     else:
-        opt = optax.rmsprop(lr, momentum=ocfg.momentum)
+        opt = optax.rmsprop(lr, momentum=h["momentum"])
     parts = [optax.clip_by_global_norm(ocfg.clip_norm)] if ocfg.clip_norm > 0 else []
     return optax.chain(*parts, opt)
 

@@ -1,0 +1,660 @@
+"""Running a study: Optuna RDB storage, the planned trials, workers, resume after a crash.
+
+A study directory holds::
+
+    study.json      the study's record (a different study file is refused) and the storage URL
+    study.db        the Optuna database (SQLite) unless another storage URL was given
+    runs/<variant>/<index>/   one training run directory per trial (config, metrics, checkpoints, summary)
+    report/         ``lstm-lab report``'s output
+
+Every planned trial is enqueued in Optuna as a WAITING trial when the study
+is created. A worker pops WAITING trials atomically (Optuna's own compare-and-
+set on the trial state), records its host and pid on the trial, and tells the
+result: COMPLETE with the metric, or FAIL with ``status`` ``diverged`` or
+``failed`` (and the error). A worker killed mid-trial leaves its trial
+RUNNING; the next worker that starts on the same host sees the dead pid (other
+hosts: Optuna's heartbeat goes stale) and marks it FAIL with status
+``interrupted`` and enqueues a retry of the same slot, which resumes from the
+run directory's last checkpoint. A slot's outcome is its latest trial, so
+every planned trial counts exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from typing import Callable
+
+from lstm_lab.sweep.study import Study, StudyError
+
+__all__ = ["open_study", "prepare_study", "run_worker", "sweep", "study_status", "format_status", "load_trials",
+           "load_curves", "StudyConflictError", "StorageError", "default_storage_url", "study_dir_info"]
+
+# tests: "<i>:<step>" makes a worker SIGKILL itself at <step> of its i-th trial
+DEBUG_KILL_TRIAL_ENV = "LSTM_LAB_DEBUG_SIGKILL_TRIAL"
+HEARTBEAT_INTERVAL = 20  # seconds between a worker's heartbeats (Optuna RDB storage)
+GRACE_PERIOD = 120  # a RUNNING trial without a heartbeat for this long belongs to a dead worker
+
+
+class StudyConflictError(RuntimeError):
+    """The study directory (or database) holds a different study."""
+
+
+class StorageError(RuntimeError):
+    """The storage URL cannot be used."""
+
+
+# ---------------------------------------------------------------------------
+# Storage
+# ---------------------------------------------------------------------------
+def default_storage_url(study_dir) -> str:
+    return f"sqlite:///{pathlib.Path(study_dir).absolute() / 'study.db'}"
+
+
+def _engine_kwargs(url: str) -> dict:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 120}}  # many local workers: wait for the write lock
+    return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+
+
+def _storage(url: str):
+    import optuna
+    import sqlalchemy.exc
+
+    if url.startswith("sqlite:///"):
+        path = pathlib.Path(url[len("sqlite:///"):])
+        if not path.parent.is_dir():
+            raise StorageError(f"storage {url!r}: the directory {str(path.parent)!r} does not exist.")
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url),
+                                          heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD)
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.NoSuchModuleError,
+            ImportError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StorageError(f"storage {url!r} cannot be used: {type(e).__name__}: {first}") from None
+    except optuna.exceptions.StorageInternalError as e:
+        cause = e.__cause__ or e
+        raise StorageError(f"storage {url!r} cannot be reached: {str(cause).splitlines()[0]}") from None
+
+
+def _quiet_optuna() -> None:
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def study_dir_info(study_dir) -> dict:
+    path = pathlib.Path(study_dir) / "study.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{str(study_dir)!r} is not a study directory (no study.json); "
+                                f"run `lstm-lab sweep <study file> --dir {study_dir}` first.")
+    return json.loads(path.read_text())
+
+
+def open_study(study_dir, storage: str | None = None, *, sampler=None):
+    """The Optuna study of a study directory (read from its study.json)."""
+    import optuna
+
+    info = study_dir_info(study_dir)
+    url = storage or info["storage"]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_optuna()
+    try:
+        return optuna.load_study(study_name=info["study"]["name"], storage=_storage(url), sampler=sampler)
+    except KeyError:
+        raise StudyConflictError(f"storage {url!r} has no study named {info['study']['name']!r}.") from None
+
+
+def _atomic_json(path: pathlib.Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def prepare_study(study: Study, study_dir, *, storage: str | None = None, force: bool = False,
+                  log: Callable[[str], None] = print):
+    """Create (or reopen) the study in its directory and database; enqueue every planned trial not yet there.
+
+    Refuses a directory or database that holds a different study unless
+    ``force`` (a directory is then moved aside; a database study deleted).
+    Nothing is written when the storage cannot be reached.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_optuna()
+    sd = pathlib.Path(study_dir)
+    record, fp = study.record(), study.fingerprint()
+    existing = sd / "study.json"
+    if existing.exists():
+        old = json.loads(existing.read_text())
+        if old.get("fingerprint") != fp:
+            diff = sorted(k for k in set(record) | set(old.get("study", {}))
+                          if json.dumps(record.get(k), sort_keys=True, default=str)
+                          != json.dumps(old.get("study", {}).get(k), sort_keys=True, default=str))
+            if not force:
+                raise StudyConflictError(
+                    f"{str(sd)!r} holds study {old.get('study', {}).get('name')!r} from "
+                    f"{old.get('source')!r}, which differs in {', '.join(diff)}. Use another --dir, or --force "
+                    f"to move the old study aside.")
+            aside = sd.with_name(f"{sd.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(str(sd), aside)
+            log(f"moved the previous study (it differed in {', '.join(diff)}) to {aside}")
+        elif storage is None:
+            storage = old["storage"]
+    url = storage or default_storage_url(sd)
+    if storage is not None:  # an explicit URL: reach it before writing anything
+        rdb = _storage(url)
+    sd.mkdir(parents=True, exist_ok=True)
+    if storage is None:
+        rdb = _storage(url)
+    try:
+        ostudy = optuna.create_study(study_name=study.name, storage=rdb, direction=study.direction,
+                                     sampler=study.sampler(), load_if_exists=True)
+    except optuna.exceptions.StorageInternalError as e:
+        raise StorageError(f"storage {url!r}: {e.__cause__ or e}") from None
+    stored = ostudy.user_attrs.get("lstm_lab_fingerprint")
+    if stored is not None and stored != fp:
+        if not force:
+            raise StudyConflictError(f"storage {url!r} already has a study named {study.name!r} from a different "
+                                     f"study file (fingerprint {stored} != {fp}). Rename the study or use --force.")
+        optuna.delete_study(study_name=study.name, storage=rdb)
+        ostudy = optuna.create_study(study_name=study.name, storage=rdb, direction=study.direction,
+                                     sampler=study.sampler())
+        stored = None
+    if stored is None:
+        ostudy.set_user_attr("lstm_lab_fingerprint", fp)
+        ostudy.set_user_attr("lstm_lab_study", json.loads(json.dumps(record, default=str)))
+        ostudy.set_user_attr("lstm_lab_params", study.describe_params())
+    _atomic_json(sd / "study.json", {"fingerprint": fp, "storage": url, "source": study.source,
+                                     "source_text": pathlib.Path(study.source).read_text() if study.source and
+                                     pathlib.Path(study.source).exists() else None,
+                                     "study": record, "params": study.describe_params()})
+    have = {t.user_attrs.get("slot") for t in ostudy.get_trials(deepcopy=False)}
+    todo = [p for p in study.plan() if p["slot"] not in have]
+    for p in todo:
+        ostudy.enqueue_trial(p["params"], user_attrs={"slot": p["slot"], "variant": p["variant"],
+                                                      "seed": p["seed"], "index": p["index"]})
+    if todo:
+        log(f"study {study.name!r}: planned {len(todo)} trials in {url}")
+    return ostudy
+
+
+# ---------------------------------------------------------------------------
+# Ownership, orphans and retries
+# ---------------------------------------------------------------------------
+def _proc_start(pid: int) -> str | None:
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or _proc_start(pid) in (None, start)
+
+
+def _owner() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid())}
+
+
+def _requeue(ostudy, trial, status: str, reason: str) -> bool:
+    """Mark a RUNNING trial FAIL with ``status`` and enqueue a retry of its slot. False if another
+    process got there first."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = ostudy._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "status", status)
+        storage.set_trial_user_attr(trial._trial_id, "error", reason)
+        if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    _enqueue_retry(ostudy, trial)
+    return True
+
+
+def _enqueue_retry(ostudy, trial) -> None:
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    attrs = {k: trial.user_attrs[k] for k in ("slot", "variant", "seed", "index", "workdir") if k in trial.user_attrs}
+    ostudy.enqueue_trial(params, user_attrs={**attrs, "retry_of": trial.number})
+
+
+def reclaim_orphans(ostudy, log: Callable[[str], None] = print) -> int:
+    """RUNNING trials whose worker is gone: a dead pid on this host, or (any host) a stale Optuna
+    heartbeat. Each is marked ``interrupted`` and its slot enqueued again. Returns how many."""
+    import optuna
+    from optuna.trial import TrialState
+
+    host, n = socket.gethostname(), 0
+    for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        ua = t.user_attrs
+        if ua.get("host") == host and "pid" in ua and not _alive(int(ua["pid"]), ua.get("pid_start")):
+            if _requeue(ostudy, t, "interrupted", f"worker pid {ua['pid']} on {host} died mid-trial"):
+                log(f"trial {t.number} ({ua.get('slot')}): its worker (pid {ua['pid']}) died; enqueued again")
+                n += 1
+    storage = ostudy._storage
+    stale_ids = set(storage._get_stale_trial_ids(ostudy._study_id)) if hasattr(storage, "_get_stale_trial_ids") \
+        else set()
+    for tid in stale_ids:
+        t = storage.get_trial(tid)
+        try:
+            if _requeue(ostudy, t, "interrupted", "no heartbeat from its worker"):
+                log(f"trial {t.number} ({t.user_attrs.get('slot')}): no heartbeat; enqueued again")
+                n += 1
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+    return n
+
+
+class _Heartbeat:
+    """Records Optuna heartbeats for the trials a worker runs."""
+
+    def __init__(self, ostudy, trial_ids):
+        self.storage, self.ids, self.stop = ostudy._storage, list(trial_ids), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            for tid in self.ids:
+                try:
+                    self.storage.record_heartbeat(tid)
+                except Exception:  # noqa: BLE001 - a missed heartbeat is retried at the next tick
+                    pass
+            self.stop.wait(HEARTBEAT_INTERVAL)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------
+# Popping trials
+# ---------------------------------------------------------------------------
+def _pop(ostudy, study: Study, k: int) -> list:
+    """Up to ``k`` WAITING trials, all of one population group where the plan fixes the shapes."""
+    import optuna
+    import sqlalchemy.exc
+    from optuna.trial import TrialState
+
+    from lstm_lab.population import population_key
+
+    def key_of(t):
+        fixed = t.system_attrs.get("fixed_params", {})
+        if set(study.space) and not all(d.optuna_name(k_) in fixed for k_, d in study.space.items()):
+            return None  # a sampler decides: grouped after the suggestions
+        cfg = study.config_for(fixed["variant"], study.hyper_from_params(fixed), 0)
+        return population_key(cfg)
+
+    got, group = [], "unset"
+    for attempt in range(50):
+        try:
+            waiting = ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            for t in waiting:
+                if len(got) >= k:
+                    break
+                if k > 1:
+                    tk = key_of(t)
+                    if group == "unset":
+                        group = tk
+                    elif tk != group:
+                        continue
+                try:
+                    if ostudy._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                        for name, value in _owner().items():
+                            ostudy._storage.set_trial_user_attr(t._trial_id, name, value)
+                        got.append(optuna.Trial(ostudy, t._trial_id))
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue
+            return got
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError):
+            time.sleep(0.2 + 0.1 * attempt)  # SQLite busy: another worker is writing
+    return got
+
+
+# ---------------------------------------------------------------------------
+# Running trials
+# ---------------------------------------------------------------------------
+def _suggest(trial, study: Study) -> tuple[str, dict]:
+    variant = trial.suggest_categorical("variant", study.variant_names)
+    hyper = {key: dist.suggest(trial, key) for key, dist in sorted(study.space.items())}
+    return variant, hyper
+
+
+def _metric(summary: dict, metric: str):
+    split, _, key = metric.partition(".")
+    v = (summary.get(split) or {}).get(key)
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _workdir(study_dir: pathlib.Path, trial) -> pathlib.Path:
+    slot = trial.user_attrs["slot"]
+    return study_dir / "runs" / slot.replace("/", os.sep, 1).replace("/", "-")
+
+
+def _finish(ostudy, study: Study, trial, summary: dict | None, error: str | None, log) -> str:
+    """Record a trial's outcome in the database; returns its status."""
+    from optuna.trial import TrialState
+
+    s = trial.storage if hasattr(trial, "storage") else ostudy._storage
+    tid = trial._trial_id
+    if summary is not None:
+        for split in ("valid", "test"):
+            s.set_trial_user_attr(tid, split, summary.get(split))
+        s.set_trial_user_attr(tid, "wall_seconds", summary.get("wall_seconds"))
+        s.set_trial_user_attr(tid, "steps", summary.get("steps"))
+        s.set_trial_user_attr(tid, "run_status", summary.get("status"))
+        if summary.get("population"):
+            s.set_trial_user_attr(tid, "population", summary["population"])
+        for rec in summary.get("history", []):  # the learning curve as intermediate values
+            if isinstance(rec.get("loss"), (int, float)) and math.isfinite(rec["loss"]):
+                s.set_trial_intermediate_value(tid, int(rec["step"]), float(rec["loss"]))
+    value = _metric(summary, study.metric) if summary is not None else None
+    if error is not None:
+        status = "failed"
+        s.set_trial_user_attr(tid, "error", error[-4000:])
+    elif summary.get("status") == "diverged" or value is None:
+        status = "diverged"
+        s.set_trial_user_attr(tid, "error", summary.get("reason") or f"{study.metric} is not finite")
+    else:
+        status = "complete"
+    s.set_trial_user_attr(tid, "status", status)
+    if status == "complete":
+        ostudy.tell(trial, value)
+    else:
+        ostudy.tell(trial, state=TrialState.FAIL)
+    return status
+
+
+def _history(workdir: pathlib.Path) -> list[dict]:
+    out = []
+    path = workdir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("kind") == "valid":
+                out.append(rec)
+    return out
+
+
+def _run_solo(ostudy, study: Study, study_dir: pathlib.Path, trial, variant, hyper, log) -> str:
+    from lstm_lab import training
+
+    seed = int(trial.user_attrs["seed"])
+    wd = _workdir(study_dir, trial)
+    ostudy._storage.set_trial_user_attr(trial._trial_id, "workdir", str(wd))
+    summary, error = None, None
+    try:
+        cfg = study.config_for(variant, hyper, seed)
+        summary = training.train(cfg, wd, quiet=True, log=lambda m: None)
+        summary = {**summary, "history": _history(wd)}
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - recorded with the trial; the sweep goes on
+        error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
+    return _finish(ostudy, study, trial, summary, error, log)
+
+
+def _run_population(ostudy, study: Study, study_dir: pathlib.Path, members, log) -> list[str]:
+    from lstm_lab.population import train_population
+
+    cfgs, wds = [], []
+    for trial, variant, hyper in members:
+        wd = _workdir(study_dir, trial)
+        ostudy._storage.set_trial_user_attr(trial._trial_id, "workdir", str(wd))
+        cfgs.append(study.config_for(variant, hyper, int(trial.user_attrs["seed"])))
+        wds.append(wd)
+    try:
+        summaries = train_population(cfgs, wds, quiet=True)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001
+        err = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
+        return [_finish(ostudy, study, m[0], None, err, log) for m in members]
+    return [_finish(ostudy, study, m[0], {**s, "history": _history(wd)}, None, log)
+            for m, s, wd in zip(members, summaries, wds)]
+
+
+def run_worker(study: Study, study_dir, *, storage: str | None = None, population: int = 1,
+               max_trials: int | None = None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Pull WAITING trials of the study until none is left; returns counts of what this worker ran."""
+    from optuna.trial import TrialState
+
+    from lstm_lab.population import population_key
+
+    sd = pathlib.Path(study_dir)
+    info = study_dir_info(sd)
+    if info["fingerprint"] != study.fingerprint():
+        raise StudyConflictError(f"{str(sd)!r} holds a different study than {study.source or study.name!r}.")
+    ostudy = open_study(sd, storage, sampler=study.sampler())
+    counts: dict[str, int] = {}
+    total = len(study.plan())
+    bar = None
+    if progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=f"study {study.name}", unit="trial", dynamic_ncols=True, file=sys.stderr)
+    ran = 0
+    kill_trial, _, kill_step = os.environ.pop(DEBUG_KILL_TRIAL_ENV, "").partition(":")
+    try:
+        while max_trials is None or ran < max_trials:
+            if kill_trial and ran == int(kill_trial):
+                from lstm_lab.training import DEBUG_KILL_ENV
+
+                os.environ[DEBUG_KILL_ENV] = kill_step
+            reclaim_orphans(ostudy, log)
+            k = population if max_trials is None else min(population, max_trials - ran)
+            trials = _pop(ostudy, study, k)
+            if not trials:
+                break
+            with _Heartbeat(ostudy, [t._trial_id for t in trials]):
+                try:
+                    members = [(t, *_suggest(t, study)) for t in trials]
+                    groups: dict = {}
+                    for m in members:
+                        cfg = study.config_for(m[1], m[2], 0)
+                        groups.setdefault(population_key(cfg), []).append(m)
+                    for group in groups.values():
+                        if len(group) == 1:
+                            statuses = [_run_solo(ostudy, study, sd, *group[0], log)]
+                        else:
+                            statuses = _run_population(ostudy, study, sd, group, log)
+                        for m, st in zip(group, statuses):
+                            counts[st] = counts.get(st, 0) + 1
+                            ran += 1
+                            log(f"trial {m[0].number} {m[0].user_attrs['slot']}: {st}")
+                except (KeyboardInterrupt, SystemExit):
+                    for t in trials:  # hand the unfinished ones back: the next run retries them
+                        fresh = ostudy._storage.get_trial(t._trial_id)
+                        if fresh.state == TrialState.RUNNING:
+                            _requeue(ostudy, fresh, "interrupted", "interrupted (KeyboardInterrupt)")
+                    raise
+            if bar is not None:
+                st = study_status(sd, storage=storage, ostudy=ostudy)
+                bar.n = st["complete"] + st["failed"]
+                bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+    return counts
+
+
+def sweep(study: Study, study_dir, *, workers: int = 1, population: int = 1, storage: str | None = None,
+          force: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Plan (or reopen) the study and run what is left: in this process, or in ``workers`` processes."""
+    if workers < 1 or population < 1:
+        raise StudyError(f"--workers and --population must be >= 1; got {workers}, {population}.")
+    sd = pathlib.Path(study_dir)
+    prepare_study(study, sd, storage=storage, force=force, log=log)
+    if workers == 1:
+        run_worker(study, sd, storage=storage, population=population, log=log)
+    else:
+        cmd = [sys.executable, "-m", "lstm_lab.cli", "worker", study.source, "--dir", str(sd),
+               "--population", str(population)] + (["--storage", storage] if storage else [])
+        log(f"starting {workers} workers")
+        procs = [subprocess.Popen(cmd) for _ in range(workers)]
+        try:
+            codes = [p.wait() for p in procs]
+        except KeyboardInterrupt:
+            for p in procs:
+                p.terminate()
+            raise
+        if any(codes):
+            log(f"warning: worker exit codes {codes}")
+    return study_status(sd, storage=storage)
+
+
+# ---------------------------------------------------------------------------
+# Status and results
+# ---------------------------------------------------------------------------
+_STATE_STATUS = {"COMPLETE": "complete", "RUNNING": "running", "WAITING": "waiting", "PRUNED": "failed"}
+
+
+def _slot_trials(ostudy) -> dict[str, object]:
+    """slot -> its latest trial (a retry supersedes the interrupted one)."""
+    latest: dict[str, object] = {}
+    for t in ostudy.get_trials(deepcopy=False):
+        slot = t.user_attrs.get("slot")
+        if slot is not None and (slot not in latest or t.number > latest[slot].number):
+            latest[slot] = t
+    return latest
+
+
+def _status_of(t) -> str:
+    if t.state.name == "FAIL":
+        return t.user_attrs.get("status", "failed")
+    return _STATE_STATUS.get(t.state.name, t.state.name.lower())
+
+
+def study_status(study_dir, *, storage: str | None = None, ostudy=None) -> dict:
+    """Per variant: planned/complete/failed/diverged/running/waiting, the best value so far and an ETA."""
+    info = study_dir_info(study_dir)
+    ostudy = ostudy or open_study(study_dir, storage)
+    rec = info["study"]
+    sign = 1 if rec["direction"] == "minimize" else -1
+    variants: dict[str, dict] = {(v if isinstance(v, str) else v["name"]): None for v in rec["variants"]}
+    walls = []
+    running_since = []
+    for slot, t in sorted(_slot_trials(ostudy).items()):
+        name = t.user_attrs.get("variant", slot.split("/")[0])
+        if variants.get(name) is None:
+            variants[name] = {"planned": 0, "complete": 0, "failed": 0, "diverged": 0, "running": 0,
+                              "waiting": 0, "best": None}
+        v = variants[name]
+        v["planned"] += 1
+        st = _status_of(t)
+        key = {"interrupted": "waiting"}.get(st, st)
+        v[key] = v.get(key, 0) + 1
+        if st == "complete":
+            if v["best"] is None or sign * t.value < sign * v["best"]:
+                v["best"] = t.value
+            if t.user_attrs.get("wall_seconds"):
+                walls.append(float(t.user_attrs["wall_seconds"]) / max(1, int(t.user_attrs.get("population", 1))))
+        if st == "running" and t.datetime_start is not None:
+            running_since.append(t.datetime_start)
+    variants = {k: v for k, v in variants.items() if v is not None}
+    tot = {k: sum(v[k] for v in variants.values()) for k in ("planned", "complete", "failed", "diverged",
+                                                               "running", "waiting")}
+    done = tot["complete"] + tot["failed"] + tot["diverged"]
+    left = tot["planned"] - done
+    workers = max(1, tot["running"])
+    eta = (sum(walls) / len(walls)) * left / workers if walls and left else (0.0 if not left else None)
+    bests = [v["best"] for v in variants.values() if v["best"] is not None]
+    best = (min(bests) if sign > 0 else max(bests)) if bests else None
+    return {"study": rec["name"], "metric": rec["metric"], "direction": rec["direction"], "storage": info["storage"],
+            "variants": variants, **tot, "failed_total": tot["failed"] + tot["diverged"], "best": best,
+            "eta_seconds": eta}
+
+
+def format_status(st: dict) -> str:
+    rows = [("variant", "planned", "done", "running", "waiting", "failed", "diverged", f"best {st['metric']}")]
+    for name, v in st["variants"].items():
+        rows.append((name, v["planned"], v["complete"], v["running"], v["waiting"], v["failed"], v["diverged"],
+                     "-" if v["best"] is None else f"{v['best']:.4g}"))
+    rows.append(("total", st["planned"], st["complete"], st["running"], st["waiting"], st["failed"], st["diverged"],
+                 "-" if st["best"] is None else f"{st['best']:.4g}"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    eta = st["eta_seconds"]
+    eta_s = "done" if eta == 0 else ("unknown" if eta is None else f"{eta / 60:.1f} min at the current worker count")
+    return f"study {st['study']} ({st['storage']})\n" + "\n".join(lines) + f"\nETA: {eta_s}"
+
+
+def load_trials(study_dir, *, storage: str | None = None, all_attempts: bool = False):
+    """One row per planned trial (its latest attempt; ``all_attempts=True`` for every attempt):
+    ``number, slot, variant, seed, status, value``, ``valid.*``, ``test.*``, ``wall_seconds``, ``workdir``,
+    ``error``, ``retry_of`` and one column per hyperparameter (actual values, e.g. momentum not 1 - momentum)."""
+    import pandas as pd
+
+    info = study_dir_info(study_dir)
+    ostudy = open_study(study_dir, storage)
+    trials = ostudy.get_trials(deepcopy=False) if all_attempts else sorted(_slot_trials(ostudy).values(),
+                                                                            key=lambda t: t.number)
+    params = info["params"]
+    rows = []
+    for t in trials:
+        ua = t.user_attrs
+        fixed = {**t.system_attrs.get("fixed_params", {}), **t.params}
+        row = {"number": t.number, "slot": ua.get("slot"), "variant": ua.get("variant"), "seed": ua.get("seed"),
+               "status": _status_of(t), "value": t.value if t.state.name == "COMPLETE" else float("nan")}
+        for split in ("valid", "test"):
+            for k, v in (ua.get(split) or {}).items():
+                row[f"{split}.{k}"] = v if v is not None else float("nan")
+        for key, p in params.items():
+            x = fixed.get(p["optuna_name"])
+            row[key] = (1.0 - x if p["kind"] == "one_minus_log_uniform" else x) if x is not None else None
+        row.update(wall_seconds=ua.get("wall_seconds"), steps=ua.get("steps"), population=ua.get("population", 1),
+                   workdir=ua.get("workdir"), error=ua.get("error"), retry_of=ua.get("retry_of"),
+                   started=t.datetime_start, finished=t.datetime_complete)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def load_curves(study_dir, *, storage: str | None = None, trials=None):
+    """Learning curves in long form: ``number, variant, slot, step, split ("train"/"valid"), loss``, read from each
+    trial's ``metrics.jsonl`` (the database keeps the validation curve as intermediate values too)."""
+    import pandas as pd
+
+    trials = load_trials(study_dir, storage=storage) if trials is None else trials
+    rows = []
+    for t in trials.itertuples():
+        wd = t.workdir
+        if not isinstance(wd, str) or not (pathlib.Path(wd) / "metrics.jsonl").exists():
+            continue
+        for line in (pathlib.Path(wd) / "metrics.jsonl").read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("kind") in ("train", "valid") and rec.get("loss") is not None:
+                rows.append({"number": t.number, "variant": t.variant, "slot": t.slot, "step": rec["step"],
+                             "split": rec["kind"], "loss": rec["loss"]})
+    return pd.DataFrame(rows, columns=["number", "variant", "slot", "step", "split", "loss"])

@@ -1,0 +1,203 @@
+"""Sweeps: study files, the plan, the database, resume after SIGKILL, workers, populations, status, report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from lstm_lab import sweep
+from lstm_lab.sweep import runner
+from lstm_lab.sweep import Choice, LogUniform, OneMinusLogUniform, Study, StudyError, Uniform
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = {"task.name": "copy", "task.options": {"T": 2}, "model.hidden_size": 8, "optim.name": "sgd",
+        "train.batch_size": 8, "train.steps": 20, "train.eval_every": 10, "train.log_every": 5,
+        "train.eval_batch_size": 100, "train.keep_checkpoints": 1}
+
+
+def write_study(path: pathlib.Path, **kw) -> pathlib.Path:
+    args = dict(name="tiny", base=TINY, variants=("vanilla", "nfg"),
+                space={"optim.learning_rate": "LogUniform(1e-2, 1e-1)",
+                       "optim.momentum": "OneMinusLogUniform(0.05, 1)"},
+                trials_per_variant=2)
+    args.update(kw)
+    space = "{" + ", ".join(f"{k!r}: {v}" for k, v in args.pop("space").items()) + "}"
+    body = ", ".join(f"{k}={v!r}" for k, v in args.items())
+    path.write_text(textwrap.dedent(f"""\
+        from lstm_lab.sweep import *
+        study = Study({body}, space={space})
+        """))
+    return path
+
+
+def cli(*args, env=None, check=True):
+    e = {**os.environ, **(env or {})}
+    out = subprocess.run([sys.executable, "-m", "lstm_lab.cli", *map(str, args)], capture_output=True, text=True,
+                         env=e, cwd=ROOT)
+    if check and out.returncode != 0:
+        raise AssertionError(f"lstm-lab {' '.join(map(str, args))} exited {out.returncode}\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def slot_outcomes(study_dir):
+    """slot -> list of (state, status) of every attempt."""
+    df = sweep.trials(study_dir, all_attempts=True)
+    out: dict = {}
+    for r in df.itertuples():
+        out.setdefault(r.slot, []).append(r.status)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Study files and the plan
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, needle", [
+    (dict(variants=("vanilla", "nfgg")), "nfgg"),
+    (dict(space={"optim.learning_rate": LogUniform(1e-1, 1e-2)}), "low < high"),
+    (dict(space={"optim.learning_rate": Uniform(0.5, 0.5)}), "low=0.5, high=0.5"),
+    (dict(space={"optim.learnin_rate": LogUniform(1e-3, 1e-2)}), "optim.learning_rate"),
+    (dict(baseline="lstm"), "baseline 'lstm'"),
+    (dict(search="bayes"), "search 'bayes'"),
+    (dict(metric="loss"), "metric"),
+    (dict(space={"optim.momentum": OneMinusLogUniform(0.01, 2.0)}), "high <= 1"),
+    (dict(trials_per_variant=0), "trials_per_variant"),
+])
+def test_bad_study_is_a_clear_error(kw, needle):
+    with pytest.raises(StudyError, match=None) as e:
+        Study(**{"name": "x", "base": TINY, "variants": ("vanilla", "nfg"), **kw})
+    assert needle in str(e.value)
+
+
+def test_random_plan_is_deterministic_and_in_range():
+    s = Study(name="p", base=TINY, variants=sweep.ODYSSEY_VARIANTS, space=sweep.ODYSSEY_SPACE, trials_per_variant=50,
+              seeds=2)
+    plan = s.plan()
+    assert plan == s.plan() and len(plan) == 9 * 50 * 2 and len({p["slot"] for p in plan}) == len(plan)
+    lr = np.array([p["params"]["optim.learning_rate"] for p in plan])
+    hid = np.array([p["params"]["model.hidden_size"] for p in plan])
+    mom = np.array([s.hyper_from_params(p["params"])["optim.momentum"] for p in plan])
+    assert lr.min() >= 1e-6 and lr.max() <= 1e-2 and hid.min() >= 20 and hid.max() <= 200
+    assert 0.0 <= mom.min() and mom.max() <= 0.99 + 1e-12 and np.median(mom) > 0.8  # 1 - log-uniform: dense near 1
+    # log-uniform: about half the draws below the geometric midpoint
+    assert 0.35 < np.mean(lr < 1e-4) < 0.65
+    # a sample's seeds share hyperparameters; the seeds differ
+    a, b = plan[0], plan[1]
+    assert a["params"] == b["params"] and a["seed"] != b["seed"]
+
+
+def test_grid_plan_covers_the_grid():
+    s = Study(name="g", base=TINY, variants=("vanilla",), search="grid", grid_points=3,
+              space={"optim.learning_rate": LogUniform(1e-3, 1e-1), "model.hidden_size": Choice(8, 16)})
+    plan = s.plan()
+    got = sorted((round(p["params"]["optim.learning_rate"], 8), p["params"]["model.hidden_size"]) for p in plan)
+    assert got == sorted((lr, h) for lr in (1e-3, 1e-2, 1e-1) for h in (8, 16))
+
+
+def test_study_file_relative_base(tmp_path):
+    (tmp_path / "exp.py").write_text("overrides = {'task.name': 'adding', 'model.hidden_size': 12}\n")
+    write_study(tmp_path / "s.py", base="exp.py")
+    s = sweep.load_study(tmp_path / "s.py")
+    assert s.base_config().model.hidden_size == 12 and s.base_config().task.name == "adding"
+    assert s.config_for("nfg", {"optim.learning_rate": 0.05}, 3).train.seed == 3
+
+
+# ---------------------------------------------------------------------------
+# Storage and study directories
+# ---------------------------------------------------------------------------
+def test_unreachable_storage_writes_nothing(tmp_path):
+    study = sweep.load_study(write_study(tmp_path / "s.py"))
+    for url in (f"sqlite:///{tmp_path}/no/such/dir/x.db", "nosuchdialect://x/y"):
+        with pytest.raises(runner.StorageError, match="storage"):
+            runner.prepare_study(study, tmp_path / "st", storage=url)
+        assert not (tmp_path / "st").exists()
+    out = cli("sweep", tmp_path / "s.py", "--dir", tmp_path / "st", "--storage", "nosuchdialect://x", check=False)
+    assert out.returncode == 2 and "nosuchdialect" in out.stderr and not (tmp_path / "st").exists()
+
+
+def test_different_study_in_dir_is_refused(tmp_path):
+    a = sweep.load_study(write_study(tmp_path / "a.py"))
+    b = sweep.load_study(write_study(tmp_path / "b.py", trials_per_variant=3))
+    runner.prepare_study(a, tmp_path / "st", log=lambda m: None)
+    with pytest.raises(runner.StudyConflictError, match="trials_per_variant"):
+        runner.prepare_study(b, tmp_path / "st", log=lambda m: None)
+    runner.prepare_study(b, tmp_path / "st", force=True, log=lambda m: None)
+    assert sweep.status(tmp_path / "st")["planned"] == 6
+    assert list(tmp_path.glob("st.replaced-*"))  # the old one moved aside, not deleted
+
+
+def test_report_without_completed_trials_fails(tmp_path):
+    study = sweep.load_study(write_study(tmp_path / "s.py"))
+    runner.prepare_study(study, tmp_path / "st", log=lambda m: None)
+    st = sweep.status(tmp_path / "st")
+    assert st["planned"] == 4 and st["waiting"] == 4 and st["complete"] == 0
+    out = cli("report", tmp_path / "st", check=False)
+    assert out.returncode == 2 and "no completed trials" in out.stderr
+
+
+# ---------------------------------------------------------------------------
+# Running: SIGKILL + resume, failures, workers and populations
+# ---------------------------------------------------------------------------
+def test_sigkill_mid_sweep_then_rerun_completes_each_trial_once(tmp_path):
+    f = write_study(tmp_path / "s.py")
+    sd = tmp_path / "st"
+    # the worker SIGKILLs itself at step 15 of its 2nd trial (checkpoint at step 10)
+    out = cli("sweep", f, "--dir", sd, "--no-report", env={"LSTM_LAB_DEBUG_SIGKILL_TRIAL": "1:15"}, check=False)
+    assert out.returncode == -9, out.stderr
+    st = sweep.status(sd)
+    assert st["complete"] == 1 and st["running"] == 1
+    out = cli("sweep", f, "--dir", sd, "--no-report")
+    assert "vanilla/0001): its worker (pid" in out.stderr and "died; enqueued again" in out.stderr
+    outcomes = slot_outcomes(sd)
+    assert len(outcomes) == 4
+    assert all(v.count("complete") == 1 for v in outcomes.values()), outcomes
+    retried = [v for v in outcomes.values() if len(v) > 1]
+    assert retried == [["interrupted", "complete"]]
+    df = sweep.trials(sd)
+    killed = df[df["retry_of"].notna()].iloc[0]
+    # the retry resumed from the checkpoint of the killed attempt
+    metrics = (pathlib.Path(killed.workdir) / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in metrics if json.loads(x)["kind"] == "valid"]
+    assert steps == [10, 20], steps  # 10 before the kill, 20 after resuming at 10: no step evaluated twice
+    # a third run has nothing left to do
+    out = cli("sweep", f, "--dir", sd, "--no-report", "--population", "2")
+    assert len(sweep.trials(sd, all_attempts=True)) == 5
+    js = json.loads(cli("status", sd, "--json").stdout)
+    assert js["planned"] == 4 and js["complete"] == 4 and js["failed"] == 0
+    assert js["variants"]["nfg"]["complete"] == 2 and js["variants"]["vanilla"]["planned"] == 2
+
+
+def test_workers_populations_failures_and_report(tmp_path):
+    # lr 1e30 without clipping diverges; dropout 1.5 raises when the model is built: each is recorded, the
+    # sweep goes on; the two learning rates of one (variant, dropout) train as a population of 2
+    f = write_study(tmp_path / "s.py", search="grid", overrides={"optim.clip_norm": 0.0},
+                    space={"optim.learning_rate": "Choice(0.05, 1e30)", "model.dropout": "Choice(0.0, 1.5)"})
+    sd = tmp_path / "st"
+    out = cli("sweep", f, "--dir", sd, "--workers", "2", "--population", "2", check=False)
+    assert out.returncode == 0, out.stderr
+    df = sweep.trials(sd)
+    assert len(df) == 8 and df["slot"].is_unique
+    assert (sweep.trials(sd, all_attempts=True)["status"] != "interrupted").all()
+    rows = df.to_dict("records")
+    for r in rows:
+        if r["model.dropout"] == 1.5:
+            assert r["status"] == "failed" and "model.dropout" in r["error"], r
+        elif r["optim.learning_rate"] == 1e30:
+            assert r["status"] == "diverged", r
+        else:
+            assert r["status"] == "complete" and math.isfinite(r["value"]), r
+            assert r["population"] == 2
+    report = sd / "report"
+    for name in ("report.md", "report.html", "trials.csv", "distributions.png", "curves.png"):
+        assert (report / name).exists() and (report / name).stat().st_size > 0, name
+    md = (report / "report.md").read_text()
+    assert "nfg" in md and "vanilla" in md and "Welch" in md
+    curves = sweep.curves(sd)
+    assert set(curves["split"]) == {"train", "valid"} and curves["number"].nunique() >= 3
