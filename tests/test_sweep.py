@@ -201,3 +201,23 @@ def test_workers_populations_failures_and_report(tmp_path):
     assert "nfg" in md and "vanilla" in md and "Welch" in md
     curves = sweep.curves(sd)
     assert set(curves["split"]) == {"train", "valid"} and curves["number"].nunique() >= 3
+
+
+def test_tpe_search_in_process_and_dataframe(tmp_path):
+    f = write_study(tmp_path / "s.py", variants=("vanilla",), baseline="vanilla", trials_per_variant=3,
+                    search="tpe", base={**TINY, "train.steps": 10, "train.eval_every": 5},
+                    space={"optim.learning_rate": "LogUniform(1e-2, 1e-1)", "model.hidden_size": "Choice(4, 8)",
+                           "optim.momentum": "OneMinusLogUniform(0.05, 1)"})
+    st = sweep.run(f, tmp_path / "st", population=2, log=lambda m: None)
+    assert st["complete"] == 3 and st["planned"] == 3
+    df = sweep.trials(tmp_path / "st")
+    assert {"optim.learning_rate", "model.hidden_size", "optim.momentum", "test.loss", "valid.loss"} <= set(df.columns)
+    assert df["optim.learning_rate"].between(1e-2, 1e-1).all() and df["optim.momentum"].between(0, 0.95).all()
+    assert set(df["model.hidden_size"]) <= {4, 8}
+    assert (df["value"] == df["test.loss"]).all()
+    ostudy = runner.open_study(tmp_path / "st")
+    t = ostudy.trials[0]
+    assert set(t.params) == {"variant", "optim.learning_rate", "model.hidden_size", "1-optim.momentum"}
+    assert list(t.intermediate_values) == [5, 10]  # the validation curve
+    cfg = json.loads((pathlib.Path(df.workdir[0]) / "config.json").read_text())["config"]
+    assert math.isclose(cfg["optim"]["momentum"], df["optim.momentum"][0])

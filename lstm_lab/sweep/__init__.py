@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import pathlib
 
-from lstm_lab.sweep.study import (ODYSSEY_BASE, ODYSSEY_SPACE, ODYSSEY_VARIANTS, Choice, IntLogUniform, IntUniform,
+from lstm_lab.sweep.study import (ODYSSEY_BASE, ODYSSEY_SPACE, ODYSSEY_SPACE_POPULATION, ODYSSEY_VARIANTS, Choice, IntLogUniform, IntUniform,
                                   LogUniform, OneMinusLogUniform, Study, StudyError, Uniform, load_study)
 
 __all__ = ["Study", "StudyError", "LogUniform", "Uniform", "OneMinusLogUniform", "IntLogUniform", "IntUniform",
-           "Choice", "ODYSSEY_VARIANTS", "ODYSSEY_SPACE", "ODYSSEY_BASE", "load_study", "run", "trials", "curves",
+           "Choice", "ODYSSEY_VARIANTS", "ODYSSEY_SPACE", "ODYSSEY_SPACE_POPULATION", "ODYSSEY_BASE", "load_study", "run", "trials", "curves",
            "status", "report", "default_dir"]
 
 

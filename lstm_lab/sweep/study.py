@@ -41,7 +41,7 @@ import numpy as np
 from lstm_lab._hints import did_you_mean
 
 __all__ = ["Study", "LogUniform", "Uniform", "OneMinusLogUniform", "IntLogUniform", "IntUniform", "Choice",
-           "ODYSSEY_VARIANTS", "ODYSSEY_SPACE", "ODYSSEY_BASE", "load_study", "StudyError", "SEARCHES"]
+           "ODYSSEY_VARIANTS", "ODYSSEY_SPACE", "ODYSSEY_SPACE_POPULATION", "ODYSSEY_BASE", "load_study", "StudyError", "SEARCHES"]
 
 SEARCHES = ("random", "grid", "tpe", "qmc")
 ODYSSEY_VARIANTS = ("vanilla", "nig", "nfg", "nog", "niaf", "noaf", "np", "cifg", "fgr")
@@ -144,9 +144,15 @@ class OneMinusLogUniform(LogUniform):
 
 @dataclasses.dataclass(frozen=True)
 class IntLogUniform(_Dist):
-    """An integer log-uniform in [low, high] — hidden sizes."""
+    """An integer log-uniform in [low, high] — hidden sizes.
+
+    ``levels=n`` snaps each planned draw to the nearest of ``n`` log-spaced
+    integers in [low, high] (random and grid search), so that trials share
+    shapes and ``--population`` fills up; Optuna still sees the log-int range.
+    """
     low: int
     high: int
+    levels: int = 0
     kind = "int_log_uniform"
 
     def check(self, key):
@@ -154,17 +160,28 @@ class IntLogUniform(_Dist):
         if self.low < 1 or int(self.low) != self.low or int(self.high) != self.high:
             raise StudyError(f"study space {key!r}: IntLogUniform needs integers >= 1; got {self.low!r}, "
                              f"{self.high!r}.")
+        if self.levels and not 2 <= self.levels:
+            raise StudyError(f"study space {key!r}: IntLogUniform levels must be 0 (off) or >= 2; got {self.levels!r}.")
 
     def to_optuna(self, optuna):
         return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=True)
 
+    def _grid_values(self, n):
+        return sorted({int(round(v)) for v in np.geomspace(self.low, self.high, n)})
+
     def sample(self, rng):
         # optuna's own rule for a log int: round a log-uniform draw on [low - 0.5, high + 0.5]
-        v = math.exp(rng.uniform(math.log(self.low - 0.5), math.log(self.high + 0.5)))
-        return int(min(max(round(v), self.low), self.high))
+        x = math.exp(rng.uniform(math.log(self.low - 0.5), math.log(self.high + 0.5)))
+        if self.levels:
+            vals = self._grid_values(self.levels)
+            return min(vals, key=lambda v: abs(math.log(v) - math.log(x)))
+        return int(min(max(round(x), self.low), self.high))
 
     def grid(self, n):
-        return sorted({int(round(v)) for v in np.geomspace(self.low, self.high, n)})
+        return self._grid_values(self.levels or n)
+
+    def describe(self):
+        return {**super().describe(), **({"levels": self.levels} if self.levels else {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +237,9 @@ ODYSSEY_SPACE = {
     "model.input_noise": Uniform(0.0, 1.0),
 }
 ODYSSEY_BASE = {"optim.name": "sgd", "optim.nesterov": True}
+# The same ranges with hidden sizes snapped to 8 log-spaced sizes (20, 28, 39, 54, 75, 104, 144, 200), so that
+# `--population K` trains K trials at a time.
+ODYSSEY_SPACE_POPULATION = {**ODYSSEY_SPACE, "model.hidden_size": IntLogUniform(20, 200, levels=8)}
 
 
 # ---------------------------------------------------------------------------
@@ -442,4 +462,6 @@ def load_study(path) -> Study:
 def dist_from_description(d: dict) -> _Dist:
     """Rebuild a distribution from :meth:`Study.describe_params` (for loading a stored study)."""
     cls = _DISTS[d["kind"]]
-    return cls(*d["choices"]) if cls is Choice else cls(d["low"], d["high"])
+    if cls is Choice:
+        return cls(*d["choices"])
+    return cls(d["low"], d["high"], d["levels"]) if d.get("levels") else cls(d["low"], d["high"])
