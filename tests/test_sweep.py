@@ -175,10 +175,10 @@ def test_sigkill_mid_sweep_then_rerun_completes_each_trial_once(tmp_path):
 
 
 def test_workers_populations_failures_and_report(tmp_path):
-    # lr 1e30 without clipping diverges; dropout 1.5 raises when the model is built: each is recorded, the
+    # lr 1e38 without clipping diverges; dropout 1.5 raises when the model is built: each is recorded, the
     # sweep goes on; the two learning rates of one (variant, dropout) train as a population of 2
     f = write_study(tmp_path / "s.py", search="grid", overrides={"optim.clip_norm": 0.0},
-                    space={"optim.learning_rate": "Choice(0.05, 1e30)", "model.dropout": "Choice(0.0, 1.5)"})
+                    space={"optim.learning_rate": "Choice(0.05, 1e38)", "model.dropout": "Choice(0.0, 1.5)"})
     sd = tmp_path / "st"
     out = cli("sweep", f, "--dir", sd, "--workers", "2", "--population", "2", check=False)
     assert out.returncode == 0, out.stderr
@@ -189,7 +189,7 @@ def test_workers_populations_failures_and_report(tmp_path):
     for r in rows:
         if r["model.dropout"] == 1.5:
             assert r["status"] == "failed" and "model.dropout" in r["error"], r
-        elif r["optim.learning_rate"] == 1e30:
+        elif r["optim.learning_rate"] == 1e38:
             assert r["status"] == "diverged", r
         else:
             assert r["status"] == "complete" and math.isfinite(r["value"]), r
@@ -200,7 +200,8 @@ def test_workers_populations_failures_and_report(tmp_path):
     md = (report / "report.md").read_text()
     assert "nfg" in md and "vanilla" in md and "Welch" in md
     curves = sweep.curves(sd)
-    assert set(curves["split"]) == {"train", "valid"} and curves["number"].nunique() >= 3
+    assert set(curves["split"]) == {"train", "valid"}
+    assert set(curves["number"]) == set(df[df.status == "complete"]["number"])  # diverged ones stopped before a log
 
 
 def test_tpe_search_in_process_and_dataframe(tmp_path):

@@ -1,0 +1,233 @@
+"""lstm_lab.sweep.report: the Odyssey-style study report, on small synthetic studies.
+
+The synthetic metric depends strongly on the learning rate (a parabola in log
+space), weakly on the rest, and NFG is 1.0 worse than the others, so the report
+must find NFG significantly worse than the baseline and rank the learning rate
+first in the fANOVA.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+
+import numpy as np
+import pytest
+
+from lstm_lab.sweep.report import build_report, display_name, fmt, fmt_p
+
+pd = pytest.importorskip("pandas")
+optuna = pytest.importorskip("optuna")
+pytest.importorskip("matplotlib")
+pytest.importorskip("scipy")
+pytest.importorskip("sklearn")  # fANOVA's random forest
+FloatDistribution = optuna.distributions.FloatDistribution
+IntDistribution = optuna.distributions.IntDistribution
+CategoricalDistribution = optuna.distributions.CategoricalDistribution
+TrialState = optuna.trial.TrialState
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FIGURES = ["distributions.png", "welch.png", "importance.png", "hyperparams.png", "curves.png"]
+PARAMS = {
+    "optim.learning_rate": {"kind": "log_uniform", "low": 1e-4, "high": 1e-1, "choices": None,
+                            "optuna_name": "optim.learning_rate"},
+    "model.hidden_size": {"kind": "int_log_uniform", "low": 8, "high": 64, "choices": None,
+                          "optuna_name": "model.hidden_size"},
+    "optim.momentum": {"kind": "one_minus_log_uniform", "low": 0.01, "high": 1.0, "choices": None,
+                       "optuna_name": "1-optim.momentum"},
+}
+
+
+def make_study(variants=("vanilla", "NFG", "CIFG"), n_per=12, seed=0, listed=None, constant=None):
+    """(info, trials, curves, frozen_trials) of a synthetic random search; ``constant`` fixes every value."""
+    rng = np.random.default_rng(seed)
+    listed = list(listed or variants)
+    dists = {"optim.learning_rate": FloatDistribution(1e-4, 1e-1, log=True),
+             "model.hidden_size": IntDistribution(8, 64, log=True),
+             "1-optim.momentum": FloatDistribution(0.01, 1.0, log=True),
+             "variant": CategoricalDistribution(listed)}
+    rows, curve_rows, frozen = [], [], []
+    number = 0
+    for variant in variants:
+        for i in range(n_per):
+            lr = 10 ** rng.uniform(-4, -1)
+            hidden = round(2 ** rng.uniform(3, 6))
+            one_minus = 10 ** rng.uniform(-2, 0)
+            value = (1.0 + (math.log10(lr) + 2.5) ** 2 + 0.05 * math.log10(hidden) + 0.05 * rng.normal()
+                     + (1.0 if variant == "NFG" else 0.0))
+            value = value if constant is None else constant
+            params = {"optim.learning_rate": lr, "model.hidden_size": hidden, "1-optim.momentum": one_minus,
+                      "variant": variant}
+            frozen.append(optuna.trial.create_trial(state=TrialState.COMPLETE, value=value, params=params,
+                                                    distributions=dists))
+            rows.append({"number": number, "slot": f"{variant}/{i:04d}", "variant": variant, "seed": i,
+                         "status": "complete", "value": value, "valid.loss": value + 0.01, "test.loss": value,
+                         "wall_seconds": 1.0, "workdir": f"/tmp/w/{number}", "error": None,
+                         "optim.learning_rate": lr, "model.hidden_size": hidden, "optim.momentum": 1 - one_minus})
+            for step in range(0, 101, 20):
+                decay = math.exp(-step / 40)
+                curve_rows.append({"number": number, "variant": variant, "step": step, "split": "valid",
+                                   "loss": value + 2 * decay})
+                curve_rows.append({"number": number, "variant": variant, "step": step, "split": "train",
+                                   "loss": value - 0.1 + 2 * decay})
+            number += 1
+    # Trials that never finished: counted, never analysed.
+    for status, error in (("failed", "NaN loss\nat step 3"), ("diverged", "loss > 1e6"), ("running", None)):
+        rows.append({"number": number, "slot": f"{variants[0]}/x{number}", "variant": variants[0], "seed": 99,
+                     "status": status, "value": np.nan, "valid.loss": np.nan, "test.loss": np.nan,
+                     "wall_seconds": 0.5, "workdir": f"/tmp/w/{number}", "error": error,
+                     "optim.learning_rate": 0.5, "model.hidden_size": 8, "optim.momentum": 0.5})
+        frozen.append(optuna.trial.create_trial(state=TrialState.FAIL if status != "running" else TrialState.RUNNING,
+                                                params={"variant": variants[0]},
+                                                distributions={"variant": dists["variant"]}))
+        number += 1
+    info = {"name": "synthetic", "metric": "test.loss", "direction": "minimize", "baseline": "vanilla",
+            "variants": listed, "task": "toy", "params": PARAMS}
+    return info, pd.DataFrame(rows), pd.DataFrame(curve_rows), frozen
+
+
+def md_tables(md: str) -> list[list[list[str]]]:
+    """Every Markdown table as rows of cells (header first, alignment row dropped)."""
+    tables, cur = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
+                cur.append(cells)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    return tables
+
+
+def section(md: str, heading: str) -> str:
+    start = md.index(heading)
+    end = md.find("\n## ", start + 1)
+    return md[start:end if end > 0 else None]
+
+
+def row(table: list[list[str]], first: str) -> dict[str, str]:
+    (match,) = [r for r in table[1:] if r[0] == first]
+    return dict(zip(table[0], match))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "nested" / "out"  # created by build_report
+    info, trials, curves, frozen = make_study()
+    path = build_report(out, info, trials, curves, frozen)
+    return path, trials
+
+
+def test_files(report):
+    path, trials = report
+    out = path.parent
+    assert path.name == "report.md"
+    for name in ["report.md", "report.html", "trials.csv"] + FIGURES:
+        assert (out / name).is_file(), name
+    for name in FIGURES:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, name
+    md = path.read_text()
+    for name in FIGURES:
+        assert f"]({name})" in md
+    back = pd.read_csv(out / "trials.csv")
+    assert len(back) == len(trials)
+    assert list(back.columns) == list(trials.columns)
+
+
+def test_summary_and_variants(report):
+    md = report[0].read_text()
+    for variant in ("vanilla", "NFG", "CIFG"):
+        assert variant in md
+    assert "39 trials (36 complete, 1 failed, 1 diverged, 1 running)" in md
+    variants = md_tables(section(md, "## Variants"))[0]
+    assert row(variants, "vanilla (baseline)")["failed"] == "1"
+    nfg = row(variants, "NFG")
+    assert nfg["complete"] == "12"
+    assert nfg["top 10% mean"].endswith("(n=2)")  # ceil(12 / 10) = 2
+    assert float(nfg["mean"]) > float(row(variants, "CIFG")["mean"]) + 0.5
+
+
+def test_welch(report):
+    md = report[0].read_text()
+    all_trials, top = md_tables(section(md, "## Welch"))
+    nfg = row(all_trials, "NFG")
+    assert nfg["result"] == "worse *"
+    assert float(nfg["p-value"]) < 0.05
+    assert float(nfg["difference"]) > 0.5
+    assert row(all_trials, "CIFG")["result"] == "n.s."
+    assert set(row(top, "NFG")) == set(top[0])
+
+
+def test_fanova_ranks_learning_rate_first(report):
+    md = report[0].read_text()
+    (table,) = md_tables(section(md, "## Hyperparameter importance"))
+    assert table[0] == ["hyperparameter", "all", "vanilla", "NFG", "CIFG"]
+    names = [r[0] for r in table[1:]]
+    assert set(names) == {"learning_rate", "hidden_size", "1 - momentum", "variant"}
+    overall = {r[0]: float(r[1]) for r in table[1:]}
+    assert max(overall, key=overall.get) == "learning_rate"
+    assert names[0] == "learning_rate"  # sorted by overall importance
+    assert math.isclose(sum(overall.values()), 1.0, abs_tol=2e-3)
+    for column in range(2, 5):  # per variant: the learning rate dominates too; no variant row
+        per = {r[0]: float(r[column]) for r in table[1:] if r[0] != "variant"}
+        assert max(per, key=per.get) == "learning_rate"
+        assert row(table, "variant")[table[0][column]] == "–"
+
+
+def test_html_has_the_same_content(report):
+    path = report[0]
+    md, page = path.read_text(), (path.parent / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<style>" in page
+    p_nfg = row(md_tables(section(md, "## Welch"))[0], "NFG")["p-value"]
+    assert p_nfg in page
+    for table in md_tables(md):
+        for cells in table:
+            for cell in cells:
+                assert html.escape(cell.replace("\\|", "|")) in page, cell
+    for name in FIGURES:
+        assert f'src="{name}"' in page
+
+
+def test_small_and_degenerate_studies(tmp_path):
+    # NIG: one complete trial; PNG: listed but never run; no curves; no optuna trials.
+    info, trials, _, _ = make_study(variants=("vanilla", "NFG", "NIG"), n_per=4,
+                                    listed=["vanilla", "NFG", "NIG", "PNG"])
+    trials = trials[~((trials["variant"] == "NIG") & (trials["number"] % 4 != 0))]
+    path = build_report(tmp_path / "small", info, trials, pd.DataFrame(), [])
+    md = path.read_text()
+    all_trials, _ = md_tables(section(md, "## Welch"))
+    assert row(all_trials, "NIG")["result"] == "n/a (n < 2)"
+    assert row(all_trials, "PNG")["n"] == "0"
+    assert "nan" not in md.lower()
+    assert "No learning curves" in md and not (path.parent / "curves.png").exists()
+    assert "fANOVA needs at least" in section(md, "## Hyperparameter importance")
+
+    # Every value equal: no variance anywhere, and nothing crashes.
+    info, trials, curves, frozen = make_study(n_per=3, constant=2.0)
+    md = build_report(tmp_path / "flat", info, trials, curves, frozen).read_text()
+    assert row(md_tables(section(md, "## Welch"))[0], "NFG")["result"] == "n/a (no variance)"
+    assert "same test.loss" in section(md, "## Hyperparameter importance")
+
+
+def test_no_completed_trials(tmp_path):
+    info, trials, curves, frozen = make_study(n_per=2)
+    trials["status"] = "failed"
+    with pytest.raises(ValueError, match="no completed trials"):
+        build_report(tmp_path / "none", info, trials, curves, frozen)
+    trials["status"] = "complete"
+    trials["value"] = np.nan
+    with pytest.raises(ValueError, match="no completed trials"):
+        build_report(tmp_path / "none", info, trials, curves, frozen)
+    assert not (tmp_path / "none").exists()
+
+
+def test_formatting():
+    assert display_name("optim.learning_rate") == "learning_rate"
+    assert display_name("1-optim.momentum") == "1 - momentum"
+    assert fmt_p(3.21e-5) == "3.2e-05"
+    assert fmt_p(0.04567) == "0.0457"
+    assert fmt(1234.5678) == "1235" and fmt(0.000123456) == "0.0001235" and fmt(np.int64(7)) == "7"
+    assert fmt(float("nan")) == "–"
