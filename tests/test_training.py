@@ -70,10 +70,25 @@ def test_config_overrides_types_and_did_you_mean(tmp_path):
     assert apply_overrides(Config(), cfglib.to_overrides(cfg)) == cfg
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.py")), ids=lambda p: p.name)
+_FILES = sorted((REPO / "experiments").glob("*.py"))
+_STUDIES = [p for p in _FILES if "study = Study(" in p.read_text()]
+
+
+@pytest.mark.parametrize("path", [p for p in _FILES if p not in _STUDIES], ids=lambda p: p.name)
 def test_experiment_files_load(path):
     cfg = load_config(path, {"train.steps": 5})
     assert cfg.train.steps == 5 and cfg.task.name in ("copy", "adding", "char_lm", "word_lm")
+
+
+@pytest.mark.parametrize("path", _STUDIES, ids=lambda p: p.name)
+def test_study_files_load(path):
+    from lstm_lab.sweep import load_study
+
+    study = load_study(path)
+    plan = study.plan()
+    assert len(plan) >= len(study.variants) and study.baseline in study.variant_names
+    cfg = study.config_for(plan[-1]["variant"], study.hyper_from_params(plan[-1]["params"]), plan[-1]["seed"])
+    assert cfg.task.name in ("copy", "adding", "char_lm", "word_lm")
 
 
 def test_optimizers_and_schedules():
