@@ -170,7 +170,7 @@ def test_sigkill_mid_sweep_then_rerun_completes_each_trial_once(tmp_path):
     out = cli("sweep", f, "--dir", sd, "--no-report", "--population", "2")
     assert len(sweep.trials(sd, all_attempts=True)) == 5
     js = json.loads(cli("status", sd, "--json").stdout)
-    assert js["planned"] == 4 and js["complete"] == 4 and js["failed"] == 0
+    assert js["planned"] == 4 and js["complete"] == 4 and js["failed"] == 0 and js["done"] == 4
     assert js["variants"]["nfg"]["complete"] == 2 and js["variants"]["vanilla"]["planned"] == 2
 
 
@@ -202,6 +202,10 @@ def test_workers_populations_failures_and_report(tmp_path):
     curves = sweep.curves(sd)
     assert set(curves["split"]) == {"train", "valid"}
     assert set(curves["number"]) == set(df[df.status == "complete"]["number"])  # diverged ones stopped before a log
+    st = sweep.status(sd)
+    assert (st["planned"], st["complete"], st["failed"], st["diverged"], st["done"]) == (8, 2, 6, 2, 8)
+    assert st["variants"]["nfg"] == {**st["variants"]["nfg"], "planned": 4, "complete": 1, "failed": 3, "diverged": 1}
+    assert "(diverged)" in runner.format_status(st)
 
 
 def test_tpe_search_in_process_and_dataframe(tmp_path):

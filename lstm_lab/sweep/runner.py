@@ -497,7 +497,7 @@ def run_worker(study: Study, study_dir, *, storage: str | None = None, populatio
                     raise
             if bar is not None:
                 st = study_status(sd, storage=storage, ostudy=ostudy)
-                bar.n = st["complete"] + st["failed"]
+                bar.n = st["done"]
                 bar.refresh()
     finally:
         if bar is not None:
@@ -553,7 +553,8 @@ def _status_of(t) -> str:
 
 
 def study_status(study_dir, *, storage: str | None = None, ostudy=None) -> dict:
-    """Per variant: planned/complete/failed/diverged/running/waiting, the best value so far and an ETA."""
+    """Per variant: ``planned``, ``done`` (= ``complete`` + ``failed``), ``running``, ``waiting``, ``failed``
+    (raised or diverged; ``diverged`` counts the latter), the ``best`` value so far; the same totals, and an ETA."""
     info = study_dir_info(study_dir)
     ostudy = ostudy or open_study(study_dir, storage)
     rec = info["study"]
@@ -569,7 +570,10 @@ def study_status(study_dir, *, storage: str | None = None, ostudy=None) -> dict:
         v = variants[name]
         v["planned"] += 1
         st = _status_of(t)
-        key = {"interrupted": "waiting"}.get(st, st)
+        key = {"interrupted": "waiting"}.get(st, st)  # an interrupted slot's retry is waiting (or about to be)
+        if key == "diverged":  # failed counts every trial that ended without a metric; diverged is a part of it
+            v["diverged"] += 1
+            key = "failed"
         v[key] = v.get(key, 0) + 1
         if st == "complete":
             if v["best"] is None or sign * t.value < sign * v["best"]:
@@ -579,21 +583,23 @@ def study_status(study_dir, *, storage: str | None = None, ostudy=None) -> dict:
         if st == "running" and t.datetime_start is not None:
             running_since.append(t.datetime_start)
     variants = {k: v for k, v in variants.items() if v is not None}
-    tot = {k: sum(v[k] for v in variants.values()) for k in ("planned", "complete", "failed", "diverged",
+    for v in variants.values():
+        v["done"] = v["complete"] + v["failed"]
+    tot = {k: sum(v[k] for v in variants.values()) for k in ("planned", "done", "complete", "failed", "diverged",
                                                                "running", "waiting")}
-    done = tot["complete"] + tot["failed"] + tot["diverged"]
+    done = tot["done"]
     left = tot["planned"] - done
     workers = max(1, tot["running"])
     eta = (sum(walls) / len(walls)) * left / workers if walls and left else (0.0 if not left else None)
     bests = [v["best"] for v in variants.values() if v["best"] is not None]
     best = (min(bests) if sign > 0 else max(bests)) if bests else None
     return {"study": rec["name"], "metric": rec["metric"], "direction": rec["direction"], "storage": info["storage"],
-            "variants": variants, **tot, "failed_total": tot["failed"] + tot["diverged"], "best": best,
+            "variants": variants, **tot, "best": best,
             "eta_seconds": eta}
 
 
 def format_status(st: dict) -> str:
-    rows = [("variant", "planned", "done", "running", "waiting", "failed", "diverged", f"best {st['metric']}")]
+    rows = [("variant", "planned", "complete", "running", "waiting", "failed", "(diverged)", f"best {st['metric']}")]
     for name, v in st["variants"].items():
         rows.append((name, v["planned"], v["complete"], v["running"], v["waiting"], v["failed"], v["diverged"],
                      "-" if v["best"] is None else f"{v['best']:.4g}"))
