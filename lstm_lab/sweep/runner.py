@@ -400,7 +400,7 @@ def _history(workdir: pathlib.Path) -> list[dict]:
                 continue
             if rec.get("kind") == "valid":
                 out.append(rec)
-    return out
+    return list({r["step"]: r for r in out}.values())  # a resumed run re-logs steps after its checkpoint: keep the last
 
 
 def _run_solo(ostudy, study: Study, study_dir: pathlib.Path, trial, variant, hyper, log) -> str:
@@ -663,4 +663,6 @@ def load_curves(study_dir, *, storage: str | None = None, trials=None):
             if rec.get("kind") in ("train", "valid") and rec.get("loss") is not None:
                 rows.append({"number": t.number, "variant": t.variant, "slot": t.slot, "step": rec["step"],
                              "split": rec["kind"], "loss": rec["loss"]})
-    return pd.DataFrame(rows, columns=["number", "variant", "slot", "step", "split", "loss"])
+    df = pd.DataFrame(rows, columns=["number", "variant", "slot", "step", "split", "loss"])
+    # a run resumed from a checkpoint logs the steps after it again: keep the last record of each step
+    return df.drop_duplicates(["number", "split", "step"], keep="last").reset_index(drop=True)
