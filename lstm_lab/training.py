@@ -46,7 +46,7 @@ from lstm_lab.config import Config, OptimConfig, to_dict
 from lstm_lab.data.batching import prefetch
 from lstm_lab.models import SequenceModel, cell_from_config
 
-__all__ = ["train", "build_optimizer", "make_optimizer", "build_model", "RunConflictError", "STATUSES", "load_run", "sample"]
+__all__ = ["train", "build_optimizer", "make_optimizer", "load_model", "build_model", "RunConflictError", "STATUSES", "load_run", "sample"]
 
 STATUSES = ("completed", "diverged", "stopped_early", "failed")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -514,6 +514,26 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def load_model(workdir, which: str = "best") -> tuple[SequenceModel, Config, dict]:
+    """The trained model of a run directory (its ``best`` or ``last`` checkpoint), its config and task info.
+
+    A population member (no checkpoints) raises FileNotFoundError.
+    """
+    wd = pathlib.Path(workdir)
+    cfg, info = load_run(wd)
+    model = build_model(cfg, info)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = build_optimizer(cfg.optim, cfg.train.steps)
+    carry = model.initialize_carry(cfg.train.batch_size) if info["stateful"] else {}
+    target = {"params": params, "opt_state": tx.init(params), "carry": carry}
+    ckpt = _Checkpoints(wd, cfg.train.keep_checkpoints, lambda m: print(m, file=sys.stderr))
+    restored = ckpt.restore(which, target)
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"{str(wd)!r} has no {which} checkpoint to load.")
+    return nnx.merge(graphdef, restored[0]["params"], rest), cfg, info
+
+
 # ---------------------------------------------------------------------------
 # Sampling from a trained language model
 # ---------------------------------------------------------------------------
@@ -528,16 +548,7 @@ def sample(workdir, *, prompt: str = "", length: int = 300, temperature: float =
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature!r}.")
     vocab = Vocab.load(wd / "vocab.json")
-    model = build_model(cfg, info)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = build_optimizer(cfg.optim, cfg.train.steps)
-    target = {"params": params, "opt_state": tx.init(params), "carry": model.initialize_carry(cfg.train.batch_size)}
-    ckpt = _Checkpoints(wd, cfg.train.keep_checkpoints, lambda m: print(m, file=sys.stderr))
-    restored = ckpt.restore("best", target)
-    ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"{str(wd)!r} has no checkpoint to sample from.")
-    model = nnx.merge(graphdef, restored[0]["params"], rest)
+    model, _, _ = load_model(wd)
 
     @jax.jit
     def step_fn(tokens, carry, key):
