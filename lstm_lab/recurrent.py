@@ -21,6 +21,7 @@ original time order.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -32,10 +33,10 @@ from flax import nnx
 from lstm_lab import cells as _cells
 from lstm_lab.cells import CellSpec, resolve_cell
 
-__all__ = ["RNN", "RecurrentCell", "gate_trace", "scan_cell"]
+__all__ = ["RNN", "RecurrentCell", "gate_trace", "scan_cell", "scan_cell_vjp"]
 
 _List = getattr(nnx, "List", list)
-IMPLS = ("auto", "scan")
+IMPLS = ("auto", "scan", "scan_vjp")
 
 
 def _acc_dtype(compute_dtype) -> jnp.dtype:
@@ -163,6 +164,104 @@ def scan_cell(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry
     return ys, carry, trs
 
 
+def scan_cell_vjp(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry0, *,
+                  lengths: jax.Array | None = None, reverse: bool = False, unroll: int = 1):
+    """:func:`scan_cell` (without traces) with a custom VJP, LSTM family only.
+
+    The backward pass runs the recurrence in reverse for the state gradients
+    only — each step's math is recomputed from the saved previous carry
+    (``jax.vjp`` of :func:`lstm_lab.cells.step` with ``R`` held constant) —
+    and computes the recurrent weight gradients afterwards as single matmuls
+    over all time steps, as cuDNN does: ``dR = h_prev^T @ d_pre`` (the
+    pre-activation gradient equals the gradient of ``xp``, since ``xp`` enters
+    the pre-activations additively) and, for FGR, ``dR_gates = gates_prev^T @
+    d_pre[gates]``. Peephole gradients are summed in the reverse loop.
+    Residuals: the previous carries and ``xp`` (no per-step gate activations).
+    """
+    if spec.family != "lstm":
+        raise ValueError(f"impl='scan_vjp' supports the LSTM family; {spec.name} is a {spec.family} "
+                         f"(use impl='scan').")
+    if reverse:
+        xp = _flip(xp, lengths)
+    T = xp.shape[0]
+    mask = (jnp.arange(T)[:, None] < lengths[None, :]) if lengths is not None else \
+        jnp.ones((T, xp.shape[1]), bool)
+    mats = {k: params[k] for k in ("R", "R_gates") if k in params}
+    ew = {k: params[k] for k in spec.peephole_names()}
+    ys, cf = _lstm_vjp_scan(spec, unroll, mats, ew, xp, carry0, mask)
+    if reverse:
+        ys = _flip(ys, lengths)
+    return ys, cf, None
+
+
+def _masked_step(spec, params, carry, xp_t, m_t):
+    new, y = _cells.step(spec, params, carry, xp_t)
+    m = m_t[:, None]
+    new = jax.tree.map(lambda n, o: jnp.where(m, n, o), new, carry)
+    return new, jnp.where(m, y, jnp.zeros_like(y))
+
+
+def _lstm_vjp_forward(spec, unroll, mats, ew, xp, carry0, mask):
+    params = {**mats, **ew}
+
+    def body(carry, inp):
+        xp_t, m_t = inp
+        new, y = _masked_step(spec, params, carry, xp_t, m_t)
+        return new, (y, carry)
+
+    cf, (ys, prev) = jax.lax.scan(body, carry0, (xp, mask), unroll=unroll)
+    return ys, cf, prev
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lstm_vjp_core(spec_unroll, mats, ew, xp, carry0, mask):
+    spec, unroll = spec_unroll
+    ys, cf, _ = _lstm_vjp_forward(spec, unroll, mats, ew, xp, carry0, mask)
+    return ys, cf
+
+
+def _lstm_vjp_fwd(spec_unroll, mats, ew, xp, carry0, mask):
+    spec, unroll = spec_unroll
+    ys, cf, prev = _lstm_vjp_forward(spec, unroll, mats, ew, xp, carry0, mask)
+    return (ys, cf), (mats, ew, xp, mask, prev)
+
+
+def _lstm_vjp_bwd(spec_unroll, res, cts):
+    mats, ew, xp, mask, prev = res
+    spec, unroll = spec_unroll
+    dys, dcf = cts
+
+    def body(acc, inp):
+        dcarry, dew = acc
+        carry_prev, xp_t, m_t, dy_t = inp
+        _, vjp = jax.vjp(lambda c, x, e: _masked_step(spec, {**mats, **e}, c, x, m_t), carry_prev, xp_t, ew)
+        dc_prev, dxp_t, de = vjp((dcarry, dy_t))
+        return (dc_prev, jax.tree.map(jnp.add, dew, de)), dxp_t
+
+    (dc0, dew), dxp = jax.lax.scan(body, (dcf, jax.tree.map(jnp.zeros_like, ew)), (prev, xp, mask, dys),
+                                   reverse=True, unroll=unroll)
+    T, B, nH = dxp.shape
+    acc = dxp.dtype
+    flat = dxp.reshape(T * B, nH)
+    R = mats["R"]
+    dmats = {"R": jnp.matmul(prev.h.reshape(T * B, -1).astype(R.dtype).T, flat.astype(R.dtype),
+                             preferred_element_type=acc).astype(R.dtype)}
+    if "R_gates" in mats:
+        parts = _cells._split(flat, spec.gate_names())
+        d_extra = jnp.concatenate([parts[g] for g in spec.recurrent_gate_names()], axis=-1)
+        Rg = mats["R_gates"]
+        dmats["R_gates"] = jnp.matmul(prev.gates.reshape(T * B, -1).astype(Rg.dtype).T, d_extra.astype(Rg.dtype),
+                                      preferred_element_type=acc).astype(Rg.dtype)
+    return dmats, dew, dxp.astype(xp.dtype), dc0, None
+
+
+_lstm_vjp_core.defvjp(_lstm_vjp_fwd, _lstm_vjp_bwd)
+
+
+def _lstm_vjp_scan(spec, unroll, mats, ew, xp, carry0, mask):
+    return _lstm_vjp_core((spec, int(unroll)), mats, ew, xp, carry0, mask)
+
+
 # ---------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------
@@ -278,6 +377,9 @@ class RNN(nnx.Module):
                                  f"got {chrono_init!r}.")
         if impl not in IMPLS:
             raise ValueError(f"RNN: unknown impl {impl!r}; expected one of {', '.join(IMPLS)}.")
+        if impl == "scan_vjp" and spec.family != "lstm":
+            raise ValueError(f"RNN: impl='scan_vjp' supports the LSTM family; {spec.name!r} is a {spec.family} "
+                             f"(use impl='scan' or 'auto').")
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"RNN: rngs must be an nnx.Rngs, e.g. nnx.Rngs(0); got {rngs!r}.")
         self.spec = spec
@@ -400,8 +502,12 @@ class RNN(nnx.Module):
                     c0 = jax.tree.map(lambda a: jnp.asarray(a).reshape(B, a.shape[-1]).astype(acc),
                                       initial_carry[li][d])
                 want_trace = trace_at == (li, d)
-                ys, cf, tr = scan_cell(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
-                                       unroll=self.unroll, trace=want_trace)
+                if self.impl == "scan_vjp" and not want_trace:
+                    ys, cf, tr = scan_cell_vjp(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
+                                               unroll=self.unroll)
+                else:
+                    ys, cf, tr = scan_cell(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
+                                           unroll=self.unroll, trace=want_trace)
                 if want_trace:
                     return {k: self._unflatten(v, batch_shape, T) for k, v in tr.items()}
                 outs.append(ys.astype(cd))
