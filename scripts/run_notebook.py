@@ -44,7 +44,8 @@ def execute(path, params: dict | None = None, *, cwd=None, timeout: int = 1800, 
 
 def images(nb) -> int:
     """How many PNG images the executed notebook displayed."""
-    return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    return sum("image/png" in o.get("data", {})
+               for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
 def main(argv=None):
