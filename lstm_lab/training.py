@@ -46,7 +46,8 @@ from lstm_lab.config import Config, OptimConfig, to_dict
 from lstm_lab.data.batching import prefetch
 from lstm_lab.models import SequenceModel, cell_from_config
 
-__all__ = ["train", "build_optimizer", "make_optimizer", "load_model", "build_model", "RunConflictError", "STATUSES", "load_run", "sample"]
+__all__ = ["train", "build_optimizer", "make_optimizer", "load_model", "build_model", "RunConflictError", "STATUSES",
+           "load_run", "sample"]
 
 STATUSES = ("completed", "diverged", "stopped_early", "failed")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
