@@ -46,10 +46,11 @@ def test_compare_variants_notebook(tmp_path, shared_data):
     nb = _run("02_compare_variants.ipynb", {
         "data_path": str(shared_data / "tinyshakespeare.txt"), "variants": ["lstm", "cifg"], "hidden_size": 16,
         "embed_dim": 8, "seq_len": 16, "batch_size": 8, "steps": 20, "eval_every": 10, "sample_length": 20,
+        "prompt_length": 50,
         "workdir": str(tmp_path)}, tmp_path)
     assert images(nb) == 1
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "----- lstm" in text and "----- cifg" in text and "ROMEO:" in text
+    assert "----- lstm" in text and "----- cifg" in text and "prompt (50 characters)" in text
     assert len(list(tmp_path.glob("*/summary.json"))) == 2
 
 
