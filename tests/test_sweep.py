@@ -140,6 +140,9 @@ def test_report_without_completed_trials_fails(tmp_path):
     assert st["planned"] == 4 and st["waiting"] == 4 and st["complete"] == 0
     out = cli("report", tmp_path / "st", check=False)
     assert out.returncode == 2 and "no completed trials" in out.stderr
+    js = json.loads(cli("status", tmp_path / "st", "--json").stdout)
+    assert js["planned"] == 4 and js["waiting"] == 4 and js["complete"] == 0 and js["failed"] == 0
+    assert set(js["variants"]) == {"vanilla", "nfg"} and js["variants"]["nfg"]["planned"] == 2
 
 
 # ---------------------------------------------------------------------------
@@ -167,11 +170,10 @@ def test_sigkill_mid_sweep_then_rerun_completes_each_trial_once(tmp_path):
     steps = [json.loads(x)["step"] for x in metrics if json.loads(x)["kind"] == "valid"]
     assert steps == [10, 20], steps  # 10 before the kill, 20 after resuming at 10: no step evaluated twice
     # a third run has nothing left to do
-    out = cli("sweep", f, "--dir", sd, "--no-report", "--population", "2")
+    st = sweep.run(f, sd, population=2, log=lambda m: None)
     assert len(sweep.trials(sd, all_attempts=True)) == 5
-    js = json.loads(cli("status", sd, "--json").stdout)
-    assert js["planned"] == 4 and js["complete"] == 4 and js["failed"] == 0 and js["done"] == 4
-    assert js["variants"]["nfg"]["complete"] == 2 and js["variants"]["vanilla"]["planned"] == 2
+    assert st["planned"] == 4 and st["complete"] == 4 and st["failed"] == 0 and st["done"] == 4
+    assert st["variants"]["nfg"]["complete"] == 2 and st["variants"]["vanilla"]["planned"] == 2
 
 
 def test_workers_populations_failures_and_report(tmp_path):
