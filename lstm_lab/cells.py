@@ -387,7 +387,8 @@ def _mm(h: jax.Array, w: jax.Array, acc_dtype) -> jax.Array:
     return jnp.matmul(h.astype(w.dtype), w, preferred_element_type=acc_dtype)
 
 
-def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *, trace: bool = False):
+def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *, trace: bool = False,
+         rec: jax.Array | None = None):
     """One time step of the cell ``spec``: ``(params, carry, xp_t) -> (carry, y_t[, trace])``.
 
     Args:
@@ -413,7 +414,8 @@ def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *
     h_prev = carry.h
     if spec.family == "lstm":
         names = spec.gate_names()
-        a = _split(xp_t + _mm(h_prev, params["R"], acc), names)
+        # rec: the recurrent product h_prev @ R computed by the caller (LSTM family; the custom VJP)
+        a = _split(xp_t + (_mm(h_prev, params["R"], acc) if rec is None else rec), names)
         c_prev = carry.c
         gate_rec = spec.recurrent_gate_names()
         if spec.full_gate_recurrence:

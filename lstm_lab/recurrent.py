@@ -165,7 +165,7 @@ def scan_cell(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry
 
 
 def scan_cell_vjp(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry0, *,
-                  lengths: jax.Array | None = None, reverse: bool = False, unroll: int = 1):
+                  lengths: jax.Array | None = None, reverse: bool = False, unroll: int = 1, remat: bool = False):
     """:func:`scan_cell` (without traces) with a custom VJP, LSTM family only.
 
     The backward pass runs the recurrence in reverse for the state gradients
@@ -176,7 +176,10 @@ def scan_cell_vjp(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, c
     pre-activation gradient equals the gradient of ``xp``, since ``xp`` enters
     the pre-activations additively) and, for FGR, ``dR_gates = gates_prev^T @
     d_pre[gates]``. Peephole gradients are summed in the reverse loop.
-    Residuals: the previous carries and ``xp`` (no per-step gate activations).
+    Residuals: the previous carries and the pre-activations ``xp + h_prev @ R``,
+    so a backward step is elementwise math plus one matmul (``d_pre @ R^T``);
+    ``remat=True`` saves ``xp`` instead and recomputes ``h_prev @ R`` in the
+    backward (the same memory as the inputs; one more matmul per step).
     """
     if spec.family != "lstm":
         raise ValueError(f"impl='scan_vjp' supports the LSTM family; {spec.name} is a {spec.family} "
@@ -188,62 +191,66 @@ def scan_cell_vjp(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, c
         jnp.ones((T, xp.shape[1]), bool)
     mats = {k: params[k] for k in ("R", "R_gates") if k in params}
     ew = {k: params[k] for k in spec.peephole_names()}
-    ys, cf = _lstm_vjp_scan(spec, unroll, mats, ew, xp, carry0, mask)
+    ys, cf = _lstm_vjp_core((spec, int(unroll), bool(remat)), mats, ew, xp, carry0, mask)
     if reverse:
         ys = _flip(ys, lengths)
     return ys, cf, None
 
 
-def _masked_step(spec, params, carry, xp_t, m_t):
-    new, y = _cells.step(spec, params, carry, xp_t)
+def _masked_step(spec, params, carry, xp_t, m_t, rec=None):
+    new, y = _cells.step(spec, params, carry, xp_t, rec=rec)
     m = m_t[:, None]
     new = jax.tree.map(lambda n, o: jnp.where(m, n, o), new, carry)
     return new, jnp.where(m, y, jnp.zeros_like(y))
 
 
-def _lstm_vjp_forward(spec, unroll, mats, ew, xp, carry0, mask):
+def _lstm_vjp_forward(spec, unroll, remat, mats, ew, xp, carry0, mask):
     params = {**mats, **ew}
+    R = mats["R"]
 
     def body(carry, inp):
         xp_t, m_t = inp
-        new, y = _masked_step(spec, params, carry, xp_t, m_t)
-        return new, (y, carry)
+        rec = jnp.matmul(carry.h.astype(R.dtype), R, preferred_element_type=xp_t.dtype)
+        new, y = _masked_step(spec, params, carry, xp_t, m_t, rec=rec)
+        return new, (y, carry, None if remat else xp_t + rec)
 
-    cf, (ys, prev) = jax.lax.scan(body, carry0, (xp, mask), unroll=unroll)
-    return ys, cf, prev
+    cf, (ys, prev, pre) = jax.lax.scan(body, carry0, (xp, mask), unroll=unroll)
+    return ys, cf, prev, pre
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lstm_vjp_core(spec_unroll, mats, ew, xp, carry0, mask):
-    spec, unroll = spec_unroll
-    ys, cf, _ = _lstm_vjp_forward(spec, unroll, mats, ew, xp, carry0, mask)
+def _lstm_vjp_core(static, mats, ew, xp, carry0, mask):
+    ys, cf, _, _ = _lstm_vjp_forward(*static, mats, ew, xp, carry0, mask)
     return ys, cf
 
 
-def _lstm_vjp_fwd(spec_unroll, mats, ew, xp, carry0, mask):
-    spec, unroll = spec_unroll
-    ys, cf, prev = _lstm_vjp_forward(spec, unroll, mats, ew, xp, carry0, mask)
-    return (ys, cf), (mats, ew, xp, mask, prev)
+def _lstm_vjp_fwd(static, mats, ew, xp, carry0, mask):
+    ys, cf, prev, pre = _lstm_vjp_forward(*static, mats, ew, xp, carry0, mask)
+    return (ys, cf), (mats, ew, xp if pre is None else pre, mask, prev)
 
 
-def _lstm_vjp_bwd(spec_unroll, res, cts):
-    mats, ew, xp, mask, prev = res
-    spec, unroll = spec_unroll
+def _lstm_vjp_bwd(static, res, cts):
+    spec, unroll, remat = static
+    mats, ew, a_or_xp, mask, prev = res
     dys, dcf = cts
+    R = mats["R"]
 
     def body(acc, inp):
         dcarry, dew = acc
-        carry_prev, xp_t, m_t, dy_t = inp
-        _, vjp = jax.vjp(lambda c, x, e: _masked_step(spec, {**mats, **e}, c, x, m_t), carry_prev, xp_t, ew)
-        dc_prev, dxp_t, de = vjp((dcarry, dy_t))
-        return (dc_prev, jax.tree.map(jnp.add, dew, de)), dxp_t
+        carry_prev, a_t, m_t, dy_t = inp
+        if remat:  # a_t is xp_t: recompute the recurrent product
+            a_t = a_t + jnp.matmul(carry_prev.h.astype(R.dtype), R, preferred_element_type=a_t.dtype)
+        zero = jnp.zeros_like(a_t)
+        _, vjp = jax.vjp(lambda c, a, e: _masked_step(spec, {**mats, **e}, c, a, m_t, rec=zero), carry_prev, a_t, ew)
+        dc_prev, da_t, de = vjp((dcarry, dy_t))
+        dh = dc_prev.h + jnp.matmul(da_t.astype(R.dtype), R.T, preferred_element_type=da_t.dtype)
+        return (dc_prev._replace(h=dh.astype(dc_prev.h.dtype)), jax.tree.map(jnp.add, dew, de)), da_t
 
-    (dc0, dew), dxp = jax.lax.scan(body, (dcf, jax.tree.map(jnp.zeros_like, ew)), (prev, xp, mask, dys),
+    (dc0, dew), dxp = jax.lax.scan(body, (dcf, jax.tree.map(jnp.zeros_like, ew)), (prev, a_or_xp, mask, dys),
                                    reverse=True, unroll=unroll)
     T, B, nH = dxp.shape
     acc = dxp.dtype
     flat = dxp.reshape(T * B, nH)
-    R = mats["R"]
     dmats = {"R": jnp.matmul(prev.h.reshape(T * B, -1).astype(R.dtype).T, flat.astype(R.dtype),
                              preferred_element_type=acc).astype(R.dtype)}
     if "R_gates" in mats:
@@ -252,14 +259,10 @@ def _lstm_vjp_bwd(spec_unroll, res, cts):
         Rg = mats["R_gates"]
         dmats["R_gates"] = jnp.matmul(prev.gates.reshape(T * B, -1).astype(Rg.dtype).T, d_extra.astype(Rg.dtype),
                                       preferred_element_type=acc).astype(Rg.dtype)
-    return dmats, dew, dxp.astype(xp.dtype), dc0, None
+    return dmats, dew, dxp.astype(a_or_xp.dtype), dc0, None
 
 
 _lstm_vjp_core.defvjp(_lstm_vjp_fwd, _lstm_vjp_bwd)
-
-
-def _lstm_vjp_scan(spec, unroll, mats, ew, xp, carry0, mask):
-    return _lstm_vjp_core((spec, int(unroll)), mats, ew, xp, carry0, mask)
 
 
 # ---------------------------------------------------------------------------
@@ -361,7 +364,7 @@ class RNN(nnx.Module):
                  num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
                  time_major: bool = False, dtype=None, param_dtype=jnp.float32,
                  forget_bias: float = 1.0, chrono_init: float | None = None, unroll: int = 1,
-                 impl: str = "auto", rngs: nnx.Rngs):
+                 impl: str = "auto", remat: bool = False, rngs: nnx.Rngs):
         spec = resolve_cell(cell)
         for name, value in (("in_features", in_features), ("hidden_size", hidden_size),
                             ("num_layers", num_layers), ("unroll", unroll)):
@@ -394,6 +397,7 @@ class RNN(nnx.Module):
         self.param_dtype = param_dtype
         self.unroll = int(unroll)
         self.impl = impl
+        self.remat = bool(remat)
         layers = []
         for layer in range(self.num_layers):
             d_in = self.in_features if layer == 0 else self.num_directions * self.hidden_size
@@ -504,7 +508,7 @@ class RNN(nnx.Module):
                 want_trace = trace_at == (li, d)
                 if self.impl == "scan_vjp" and not want_trace:
                     ys, cf, tr = scan_cell_vjp(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
-                                               unroll=self.unroll)
+                                               unroll=self.unroll, remat=self.remat)
                 else:
                     ys, cf, tr = scan_cell(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
                                            unroll=self.unroll, trace=want_trace)

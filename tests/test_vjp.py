@@ -15,8 +15,9 @@ from conftest import randomize
 LSTM_PRESETS = [n for n, s in lstm_lab.cells.VARIANTS.items() if s.family == "lstm" and n != "peephole"]
 
 
-def _grads(impl, name, dtype, seed, *, bidirectional, lengths, B=3, T=7, F=3, H=4, layers=1):
+def _grads(impl, name, dtype, seed, *, bidirectional, lengths, B=3, T=7, F=3, H=4, layers=1, remat=False):
     m = lstm_lab.RNN(F, H, name, rngs=nnx.Rngs(0), impl=impl, bidirectional=bidirectional, num_layers=layers,
+                     remat=remat,
                      dtype=dtype, param_dtype=dtype)
     randomize(m, seed)
     rng = np.random.default_rng(seed)
@@ -34,7 +35,7 @@ def _grads(impl, name, dtype, seed, *, bidirectional, lengths, B=3, T=7, F=3, H=
 
 
 def _check(name, dtype, tol, seed, **kw):
-    va, ga = _grads("scan", name, dtype, seed, **kw)
+    va, ga = _grads("scan", name, dtype, seed, **{**kw, "remat": False})
     vb, gb = _grads("scan_vjp", name, dtype, seed, **kw)
     assert abs(float(va - vb)) <= tol * abs(float(va))
     assert len(ga) == len(gb)
@@ -50,9 +51,15 @@ def test_scan_vjp_gradients_equal_plain_scan_float32(name):
     _check(name, jnp.float32, 1e-5, seed=hash(name) % 1000, bidirectional=True, lengths=[7, 2, 5])
 
 
-@pytest.mark.parametrize("name", ["vanilla", "fgr"])
-def test_scan_vjp_gradients_equal_plain_scan_float64(name):
-    _check(name, jnp.float64, 1e-10, seed=7, bidirectional=False, lengths=None, B=2, T=9, F=5, H=3, layers=2)
+@pytest.mark.parametrize("name, remat", [("vanilla", False), ("fgr", True)])
+def test_scan_vjp_gradients_equal_plain_scan_float64(name, remat):
+    # remat=True recomputes h_prev @ R in the backward instead of saving the pre-activations
+    _check(name, jnp.float64, 1e-10, seed=7, bidirectional=False, lengths=None, B=2, T=9, F=5, H=3, layers=2,
+           remat=remat)
+
+
+def test_scan_vjp_remat_float32():
+    _check("cifg", jnp.float32, 1e-5, seed=3, bidirectional=True, lengths=[3, 7, 1], remat=True)
 
 
 def test_scan_vjp_rejects_other_families():
