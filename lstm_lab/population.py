@@ -60,7 +60,6 @@ def train_population(cfgs: list, workdirs: list, *, quiet: bool = True, log: Cal
     """Train ``cfgs`` together (one ``jax.vmap``-ed program); one summary per member (see module doc)."""
     from lstm_lab import tasks as tasks_lib
     from lstm_lab import training as tr
-    from lstm_lab.models import cell_from_config
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if len(cfgs) != len(workdirs) or not cfgs:
@@ -74,16 +73,12 @@ def train_population(cfgs: list, workdirs: list, *, quiet: bool = True, log: Cal
     t = cfg0.train
     for c in cfgs:
         tr.build_optimizer(c.optim, t.steps)  # the checks of a solo run
-    spec = cell_from_config(cfg0.model.cell)
     task = tasks_lib.get(cfg0.task.name, **cfg0.task.options)
     info = tr._task_info(task)
     wds = [pathlib.Path(w) for w in workdirs]
     done: dict[int, dict] = {}
     for m, (c, wd) in enumerate(zip(cfgs, wds)):
-        record = {"config": tr.to_dict(c), "cell_spec": spec.flags(), "cell_name": spec.name, "seed": c.train.seed,
-                  "lstm_lab_version": tr.lstm_lab.__version__, "git_commit": tr._git_commit(),
-                  "jax_version": jax.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "population": K}
-        tr._prepare_workdir(wd, record, force, log)
+        tr._prepare_workdir(wd, tr.run_record(c, population=K), force, log)
         sp = wd / "summary.json"
         if sp.exists() and not force:
             s = json.loads(sp.read_text())
@@ -226,18 +221,8 @@ def _fit_population(cfgs, wds, task, info, *, quiet, log) -> list[dict]:
                 valid = evaluate(params, "valid")
                 improved = np.zeros(K, bool)
                 for m in np.flatnonzero(active):
-                    v, mm = valid[m], meta[m]
-                    metrics[m].write({"kind": "valid", "step": step, **v})
-                    mm["history"].append({"step": step, **v})
-                    if mm["best_valid"] is None or v["loss"] < mm["best_valid"]:
-                        mm.update(best_valid=v["loss"], best_step=step, bad_evals=0, plateau_bad=0)
-                        improved[m] = True
-                    else:
-                        mm["bad_evals"] += 1
-                        mm["plateau_bad"] += 1
-                        if cfg0.optim.schedule == "plateau" and mm["plateau_bad"] >= cfg0.optim.decay_patience:
-                            mm["lr_scale"] *= cfg0.optim.decay_factor
-                            mm["plateau_bad"] = 0
+                    metrics[m].write({"kind": "valid", "step": step, **valid[m]})
+                    improved[m] = tr.record_evaluation(meta[m], valid[m], step, cfg0.optim)
                 if improved.any():
                     sel = jnp.asarray(improved)
                     pick = lambda new, old: jnp.where(sel.reshape((K,) + (1,) * (new.ndim - 1)), new, old)  # noqa
@@ -267,13 +252,10 @@ def _fit_population(cfgs, wds, task, info, *, quiet, log) -> list[dict]:
         if te is not None:
             metrics[m].write({"kind": "test", "step": meta[m]["best_step"], **te})
         metrics[m].close()
-        s = {"status": status[m], "reason": reason[m], "steps": end_step[m] if not active[m] else step,
-             "diverged_at_step": diverged_at[m], "best_step": meta[m]["best_step"], "wall_seconds": wall,
-             "valid": tr._finite(v) or {"loss": None}, "test": tr._finite(te) or {"loss": None},
-             "baseline": task.baseline, "task": info["name"], "cell": tr.cell_from_config(c.model.cell).name,
-             "seed": c.train.seed, "devices": 1, "workdir": str(wd), "population": K}
-        tr._atomic_json(wd / "summary.json", s)
-        summaries.append(s)
+        summaries.append(tr.run_summary(
+            c, task, info, wd, status=status[m], reason=reason[m], steps=end_step[m] if not active[m] else step,
+            diverged_at=diverged_at[m], best_step=meta[m]["best_step"], wall=wall, valid=v, test=te, devices=1,
+            population=K))
     if not quiet:
         log(f"population of {K}: {sum(x == 'completed' for x in status)} completed in {wall:.1f}s")
     return summaries

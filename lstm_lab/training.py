@@ -42,6 +42,7 @@ from flax import nnx
 import lstm_lab
 from lstm_lab import tasks as tasks_lib
 from lstm_lab._hints import did_you_mean
+from lstm_lab._io import atomic_json as _atomic_json, json_default as _json_default
 from lstm_lab.config import Config, OptimConfig, to_dict
 from lstm_lab.data.batching import prefetch
 from lstm_lab.models import SequenceModel, cell_from_config
@@ -126,23 +127,6 @@ def _task_info(task) -> dict:
 # ---------------------------------------------------------------------------
 # Records
 # ---------------------------------------------------------------------------
-def _atomic_json(path: pathlib.Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, tuple):
-        return list(o)
-    return str(o)
-
-
 def _finite(d: dict | None) -> dict | None:
     if d is None:
         return None
@@ -245,6 +229,41 @@ class _Checkpoints:
 # ---------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------
+def run_record(cfg: Config, **extra) -> dict:
+    """What ``config.json`` holds: the config, cell spec, seed, versions, git commit, time (plus ``extra``)."""
+    spec = cell_from_config(cfg.model.cell)
+    return {"config": to_dict(cfg), "cell_spec": spec.flags(), "cell_name": spec.name, "seed": cfg.train.seed,
+            "lstm_lab_version": lstm_lab.__version__, "git_commit": _git_commit(), "jax_version": jax.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+
+
+def record_evaluation(meta: dict, valid: dict, step: int, ocfg: OptimConfig) -> bool:
+    """Book one validation result into a run's ``meta`` (history, best, early-stopping and plateau counters,
+    the plateau learning-rate scale); True if it improved on the best."""
+    meta["history"].append({"step": step, **valid})
+    if meta["best_valid"] is None or valid["loss"] < meta["best_valid"]:
+        meta.update(best_valid=valid["loss"], best_step=step, bad_evals=0, plateau_bad=0)
+        return True
+    meta["bad_evals"] += 1
+    meta["plateau_bad"] += 1
+    if ocfg.schedule == "plateau" and meta["plateau_bad"] >= ocfg.decay_patience:
+        meta["lr_scale"] *= ocfg.decay_factor
+        meta["plateau_bad"] = 0
+    return False
+
+
+def run_summary(cfg: Config, task, info: dict, wd: pathlib.Path, *, status, reason, steps, diverged_at, best_step,
+                wall, valid, test, devices: int, **extra) -> dict:
+    """The summary of a finished run (``summary.json``), written atomically and returned."""
+    summary = {"status": status, "reason": reason, "steps": steps, "diverged_at_step": diverged_at,
+               "best_step": best_step, "wall_seconds": wall,
+               "valid": _finite(valid) or {"loss": None}, "test": _finite(test) or {"loss": None},
+               "baseline": task.baseline, "task": info["name"], "cell": cell_from_config(cfg.model.cell).name,
+               "seed": cfg.train.seed, "devices": devices, "workdir": str(wd), **extra}
+    _atomic_json(wd / "summary.json", summary)
+    return summary
+
+
 def _prepare_workdir(workdir: pathlib.Path, record: dict, force: bool, log) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     cfile = workdir / "config.json"
@@ -310,13 +329,9 @@ def train(cfg: Config, workdir, *, force: bool = False, resume: bool | None = No
     for name in ("steps", "batch_size", "eval_every", "log_every"):
         if getattr(t, name) < 1:
             raise ValueError(f"config: train.{name} must be >= 1; got {getattr(t, name)!r}.")
-    spec = cell_from_config(cfg.model.cell)
     task = tasks_lib.get(cfg.task.name, **cfg.task.options)
     tx = build_optimizer(cfg.optim, t.steps)
-    record = {"config": to_dict(cfg), "cell_spec": spec.flags(), "cell_name": spec.name, "seed": t.seed,
-              "lstm_lab_version": lstm_lab.__version__, "git_commit": _git_commit(), "jax_version": jax.__version__,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _prepare_workdir(wd, record, force, log)
+    _prepare_workdir(wd, run_record(cfg), force, log)
     summary_path = wd / "summary.json"
     if summary_path.exists() and not force:
         done = json.loads(summary_path.read_text())
@@ -451,16 +466,7 @@ def _fit(cfg: Config, task, info, tx, wd: pathlib.Path, *, resume, quiet, log) -
             if at_eval:
                 valid = evaluate(params, "valid")
                 metrics.write({"kind": "valid", "step": step, **valid})
-                meta["history"].append({"step": step, **valid})
-                improved = meta["best_valid"] is None or valid["loss"] < meta["best_valid"]
-                if improved:
-                    meta.update(best_valid=valid["loss"], best_step=step, bad_evals=0, plateau_bad=0)
-                else:
-                    meta["bad_evals"] += 1
-                    meta["plateau_bad"] += 1
-                    if cfg.optim.schedule == "plateau" and meta["plateau_bad"] >= cfg.optim.decay_patience:
-                        meta["lr_scale"] *= cfg.optim.decay_factor
-                        meta["plateau_bad"] = 0
+                improved = record_evaluation(meta, valid, step, cfg.optim)
                 if bar is not None:
                     bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items()))
                 elif not quiet:
@@ -491,12 +497,8 @@ def _fit(cfg: Config, task, info, tx, wd: pathlib.Path, *, resume, quiet, log) -
         metrics.write({"kind": "test", "step": meta["best_step"], **test})
     ckpt.close()
     metrics.close()
-    summary = {"status": status, "reason": reason, "steps": step, "diverged_at_step": diverged_at,
-               "best_step": meta["best_step"], "wall_seconds": wall,
-               "valid": _finite(valid) or {"loss": None}, "test": _finite(test) or {"loss": None},
-               "baseline": task.baseline, "task": info["name"], "cell": cell_from_config(cfg.model.cell).name,
-               "seed": t.seed, "devices": n_dev, "workdir": str(wd)}
-    _atomic_json(wd / "summary.json", summary)
+    summary = run_summary(cfg, task, info, wd, status=status, reason=reason, steps=step, diverged_at=diverged_at,
+                          best_step=meta["best_step"], wall=wall, valid=valid, test=test, devices=n_dev)
     if not quiet:
         log(format_summary(summary))
     return summary

@@ -48,7 +48,7 @@ def cli(*args, env=None, check=True):
 
 
 def slot_outcomes(study_dir):
-    """slot -> list of (state, status) of every attempt."""
+    """slot -> the statuses of its attempts, in trial order."""
     df = sweep.trials(study_dir, all_attempts=True)
     out: dict = {}
     for r in df.itertuples():

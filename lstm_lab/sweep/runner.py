@@ -34,6 +34,7 @@ import time
 import traceback
 from typing import Callable
 
+from lstm_lab._io import atomic_json as _atomic_json, read_jsonl
 from lstm_lab.sweep.study import Study, StudyError
 
 __all__ = ["open_study", "prepare_study", "run_worker", "sweep", "study_status", "format_status", "load_trials",
@@ -114,12 +115,6 @@ def open_study(study_dir, storage: str | None = None, *, sampler=None):
         return optuna.load_study(study_name=info["study"]["name"], storage=_storage(url), sampler=sampler)
     except KeyError:
         raise StudyConflictError(f"storage {url!r} has no study named {info['study']['name']!r}.") from None
-
-
-def _atomic_json(path: pathlib.Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def prepare_study(study: Study, study_dir, *, storage: str | None = None, force: bool = False,
@@ -390,17 +385,7 @@ def _finish(ostudy, study: Study, trial, summary: dict | None, error: str | None
 
 
 def _history(workdir: pathlib.Path) -> list[dict]:
-    out = []
-    path = workdir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("kind") == "valid":
-                out.append(rec)
-    return list({r["step"]: r for r in out}.values())  # a resumed run re-logs steps after its checkpoint: keep the last
+    return read_jsonl(workdir / "metrics.jsonl", kinds=("valid",))
 
 
 def _run_solo(ostudy, study: Study, study_dir: pathlib.Path, trial, variant, hyper, log) -> str:
@@ -561,7 +546,6 @@ def study_status(study_dir, *, storage: str | None = None, ostudy=None) -> dict:
     sign = 1 if rec["direction"] == "minimize" else -1
     variants: dict[str, dict] = {(v if isinstance(v, str) else v["name"]): None for v in rec["variants"]}
     walls = []
-    running_since = []
     for slot, t in sorted(_slot_trials(ostudy).items()):
         name = t.user_attrs.get("variant", slot.split("/")[0])
         if variants.get(name) is None:
@@ -580,8 +564,6 @@ def study_status(study_dir, *, storage: str | None = None, ostudy=None) -> dict:
                 v["best"] = t.value
             if t.user_attrs.get("wall_seconds"):
                 walls.append(float(t.user_attrs["wall_seconds"]) / max(1, int(t.user_attrs.get("population", 1))))
-        if st == "running" and t.datetime_start is not None:
-            running_since.append(t.datetime_start)
     variants = {k: v for k, v in variants.items() if v is not None}
     for v in variants.values():
         v["done"] = v["complete"] + v["failed"]
@@ -652,17 +634,10 @@ def load_curves(study_dir, *, storage: str | None = None, trials=None):
     trials = load_trials(study_dir, storage=storage) if trials is None else trials
     rows = []
     for t in trials.itertuples():
-        wd = t.workdir
-        if not isinstance(wd, str) or not (pathlib.Path(wd) / "metrics.jsonl").exists():
+        if not isinstance(t.workdir, str):
             continue
-        for line in (pathlib.Path(wd) / "metrics.jsonl").read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("kind") in ("train", "valid") and rec.get("loss") is not None:
+        for rec in read_jsonl(pathlib.Path(t.workdir) / "metrics.jsonl", kinds=("train", "valid")):
+            if rec.get("loss") is not None:
                 rows.append({"number": t.number, "variant": t.variant, "slot": t.slot, "step": rec["step"],
                              "split": rec["kind"], "loss": rec["loss"]})
-    df = pd.DataFrame(rows, columns=["number", "variant", "slot", "step", "split", "loss"])
-    # a run resumed from a checkpoint logs the steps after it again: keep the last record of each step
-    return df.drop_duplicates(["number", "split", "step"], keep="last").reset_index(drop=True)
+    return pd.DataFrame(rows, columns=["number", "variant", "slot", "step", "split", "loss"])

@@ -293,7 +293,7 @@ class Study:
         if not self.source and _LOADING:
             object.__setattr__(self, "source", _LOADING[-1])
         from lstm_lab.cells import CellSpec, resolve_cell
-        from lstm_lab.config import apply_overrides, flat_keys
+        from lstm_lab.config import flat_keys
 
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise StudyError(f"study name must be a non-empty string without '/'; got {self.name!r}.")
@@ -342,8 +342,7 @@ class Study:
                                  f"OneMinusLogUniform, IntLogUniform, IntUniform, Choice); got {dist!r}.")
             dist.check(key)
         try:
-            cfg = self.base_config()
-            apply_overrides(cfg, {"model.cell": "lstm"})
+            self.base_config()
         except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
             raise StudyError(f"study base config: {e}") from None
 
