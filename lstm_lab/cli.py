@@ -117,13 +117,21 @@ def _study_cmd(args) -> int:
     name = f"lstm-lab {args.command}"
     try:
         if args.command in ("sweep", "worker"):
-            study = sweep.load_study(args.study)
-            study_dir = pathlib.Path(args.dir) if args.dir else sweep.default_dir(study)
+            log = lambda m: print(m, file=sys.stderr)  # noqa: E731
             if args.command == "worker":
                 from lstm_lab.sweep.runner import run_worker
 
+                study, study_dir = sweep.worker_study(args.study, args.dir, args.storage)
                 run_worker(study, study_dir, storage=args.storage, population=args.population or study.population,
-                           log=lambda m: print(m, file=sys.stderr))
+                           log=log, wait=not args.no_wait)
+                return 0
+            study = sweep.load_study(args.study)
+            study_dir = pathlib.Path(args.dir) if args.dir else sweep.default_dir(study)
+            if args.plan_only:
+                from lstm_lab.sweep.runner import format_status, prepare_study, study_status
+
+                prepare_study(study, study_dir, storage=args.storage, force=args.force, log=log)
+                print(format_status(study_status(study_dir, storage=args.storage)))
                 return 0
             st = sweep.run(study, study_dir, workers=args.workers, population=args.population or study.population,
                            storage=args.storage,
@@ -183,9 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     sa.add_argument("--seed", type=int, default=0)
     sw = sub.add_parser("sweep", help="run a study: variants x hyperparameters x seeds (resumable), then report",
                         epilog="Example: lstm-lab sweep experiments/quick.py --workers 2 --population 8")
-    wk = sub.add_parser("worker", help="one more worker on a study that `lstm-lab sweep` created")
+    wk = sub.add_parser("worker", help="one more worker on a study that `lstm-lab sweep` created (any machine)",
+                        epilog="Example: lstm-lab worker experiments/odyssey_char_lm.py --dir /shared/studies/odyssey_char_lm "
+                               "--storage postgresql://user:pass@dbhost/lstm_lab")
+    sw.add_argument("study", help="a study file (experiments/quick.py, experiments/odyssey_*.py)")
+    wk.add_argument("study", help="a study file, a study directory, or (with --storage) a study's name")
     for p in (sw, wk):
-        p.add_argument("study", help="a study file (experiments/quick.py, experiments/odyssey_*.py)")
         p.add_argument("--dir", help="study directory (default studies/<study name>)")
         p.add_argument("--population", type=int, default=None, metavar="K",
                        help="train up to K trials of the same shape as one vmapped program (default: the study's)")
@@ -193,12 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--workers", type=int, default=1, metavar="N", help="N local worker processes")
     sw.add_argument("--force", action="store_true", help="move a different study in --dir aside and start over")
     sw.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    sw.add_argument("--plan-only", action="store_true",
+                    help="create the study and enqueue its trials, run nothing (then start workers anywhere)")
+    wk.add_argument("--no-wait", action="store_true",
+                    help="exit when nothing is waiting, even while other workers' trials still run")
     stt = sub.add_parser("status", help="per-variant progress of a study: planned/done/running/failed, best, ETA")
-    stt.add_argument("study_dir")
+    stt.add_argument("study_dir", help="a study directory, or (with --storage) a study's name")
     stt.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     stt.add_argument("--storage", help="the study's SQLAlchemy URL if not the one in study.json")
     rp = sub.add_parser("report", help="write report.md/.html, figures and trials.csv for a study")
-    rp.add_argument("study_dir")
+    rp.add_argument("study_dir", help="a study directory, or (with --storage) a study's name")
     rp.add_argument("--out", help="output directory (default <study_dir>/report)")
     rp.add_argument("--storage", help="the study's SQLAlchemy URL if not the one in study.json")
     args, extra = parser.parse_known_args(argv)

@@ -25,7 +25,7 @@ from lstm_lab.sweep.study import (ODYSSEY_BASE, ODYSSEY_SPACE, ODYSSEY_SPACE_POP
 
 __all__ = ["Study", "StudyError", "LogUniform", "Uniform", "OneMinusLogUniform", "IntLogUniform", "IntUniform",
            "Choice", "ODYSSEY_VARIANTS", "ODYSSEY_SPACE", "ODYSSEY_SPACE_POPULATION", "ODYSSEY_BASE", "load_study", "run", "trials", "curves",
-           "status", "report", "default_dir"]
+           "status", "report", "default_dir", "worker_study"]
 
 
 def default_dir(study: Study) -> pathlib.Path:
@@ -41,6 +41,39 @@ def run(study, study_dir=None, *, workers: int = 1, population: int = 1, storage
     study = load_study(study) if not isinstance(study, Study) else study
     return sweep(study, study_dir or default_dir(study), workers=workers, population=population, storage=storage,
                  force=force, log=log)
+
+
+def worker_study(arg, study_dir=None, storage: str | None = None) -> tuple[Study, pathlib.Path]:
+    """What ``lstm-lab worker ARG`` runs: ``ARG`` is a study file, a study directory (its ``study.json``
+    names the file; its stored text is used when the file is not on this machine), or, with
+    ``storage``, the name of a study in that database. Returns the study and its directory."""
+    import tempfile
+
+    from lstm_lab.sweep.runner import _info_from_db, study_dir_info
+
+    path = pathlib.Path(arg)
+    if path.is_file():
+        study = load_study(path)
+        return study, pathlib.Path(study_dir) if study_dir else default_dir(study)
+    if (path / "study.json").is_file():
+        info, sd = study_dir_info(path), path
+    elif storage is not None and not path.exists():
+        info, sd = _info_from_db(path.name, storage), None
+    else:
+        raise FileNotFoundError(f"{arg!r} is neither a study file nor a study directory"
+                                + ("" if storage else " (a study name needs --storage URL)") + ".")
+    src = info.get("source")
+    if src and pathlib.Path(src).is_file():
+        study = load_study(src)
+    elif info.get("source_text"):
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix="lstm_lab_study_")) / pathlib.Path(src or "study.py").name
+        tmp.write_text(info["source_text"])
+        study = load_study(tmp)
+    else:
+        raise FileNotFoundError(f"{arg!r}: the study file {src!r} is not on this machine and its text was not "
+                                f"stored; pass the study file instead.")
+    sd = pathlib.Path(study_dir) if study_dir else (sd or default_dir(study))
+    return study, sd
 
 
 def trials(study_dir, *, storage: str | None = None, all_attempts: bool = False):
@@ -69,7 +102,7 @@ def report(study_dir, out_dir=None, *, storage: str | None = None) -> pathlib.Pa
 
     from lstm_lab.sweep.runner import load_curves, load_trials, open_study, study_dir_info
 
-    info = study_dir_info(study_dir)
+    info = study_dir_info(study_dir, storage)
     df = load_trials(study_dir, storage=storage)
     complete = df[(df["status"] == "complete") & df["value"].map(lambda v: isinstance(v, float) and math.isfinite(v))]
     if complete.empty:

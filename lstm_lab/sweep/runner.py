@@ -4,7 +4,7 @@ A study directory holds::
 
     study.json      the study's record (a different study file is refused) and the storage URL
     study.db        the Optuna database (SQLite) unless another storage URL was given
-    runs/<variant>/<index>/   one training run directory per trial (config, metrics, checkpoints, summary)
+    runs/<variant>-<index>/   one training run directory per trial (config, metrics, checkpoints, summary)
     report/         ``lstm-lab report``'s output
 
 Every planned trial is enqueued in Optuna as a WAITING trial when the study
@@ -17,6 +17,18 @@ hosts: Optuna's heartbeat goes stale) and marks it FAIL with status
 ``interrupted`` and enqueues a retry of the same slot, which resumes from the
 run directory's last checkpoint. A slot's outcome is its latest trial, so
 every planned trial counts exactly once.
+
+Many machines: give every worker the same ``--storage`` URL (PostgreSQL,
+MySQL, any SQLAlchemy URL) and a study directory on a shared filesystem, so a
+retried trial resumes from its checkpoint (without a shared directory the
+retry starts the run over; the trial still completes exactly once). A worker
+whose database goes away mid-sweep (a restart, a network blip) retries every
+database call for ``LSTM_LAB_DB_RETRY_SECONDS`` (default 600) before giving
+up; a worker with nothing left to pop waits while other workers' trials run,
+so a trial orphaned by a dead worker elsewhere is picked up when its heartbeat
+goes stale (``LSTM_LAB_HEARTBEAT_INTERVAL``, default 20 s;
+``LSTM_LAB_GRACE_PERIOD``, default 120 s). ``LSTM_LAB_WORKER_HOST`` overrides
+the host name a worker records (default: the machine's host name).
 """
 
 from __future__ import annotations
@@ -44,6 +56,32 @@ __all__ = ["open_study", "prepare_study", "run_worker", "sweep", "study_status",
 DEBUG_KILL_TRIAL_ENV = "LSTM_LAB_DEBUG_SIGKILL_TRIAL"
 HEARTBEAT_INTERVAL = 20  # seconds between a worker's heartbeats (Optuna RDB storage)
 GRACE_PERIOD = 120  # a RUNNING trial without a heartbeat for this long belongs to a dead worker
+DB_RETRY_SECONDS = 600  # how long a worker keeps retrying a database that went away
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise StudyError(f"{name}={raw!r}: expected a number of seconds.") from None
+    if v <= 0:
+        raise StudyError(f"{name}={raw!r}: must be > 0.")
+    return v
+
+
+def heartbeat_interval() -> int:
+    return max(1, int(_env_seconds("LSTM_LAB_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL)))
+
+
+def grace_period() -> int:
+    return max(1, int(_env_seconds("LSTM_LAB_GRACE_PERIOD", GRACE_PERIOD)))
+
+
+def _host() -> str:
+    return os.environ.get("LSTM_LAB_WORKER_HOST") or socket.gethostname()
 
 
 class StudyConflictError(RuntimeError):
@@ -61,6 +99,48 @@ def default_storage_url(study_dir) -> str:
     return f"sqlite:///{pathlib.Path(study_dir).absolute() / 'study.db'}"
 
 
+def masked_url(url: str) -> str:
+    """The URL with its password hidden (for messages and status output)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy understands: show it as given
+        return url
+
+
+def _transient_errors() -> tuple:
+    import optuna
+    import sqlalchemy.exc
+
+    return (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+            sqlalchemy.exc.DBAPIError)
+
+
+def _retrying(fn, what: str, log: Callable[[str], None] = print):
+    """Call ``fn()``; while the database is unreachable (restart, network), retry with backoff for
+    ``LSTM_LAB_DB_RETRY_SECONDS``; then raise :class:`StorageError`."""
+    errors = _transient_errors()
+    budget = _env_seconds("LSTM_LAB_DB_RETRY_SECONDS", DB_RETRY_SECONDS)
+    start, delay, told = time.monotonic(), 0.5, False
+    while True:
+        try:
+            out = fn()
+            if told:
+                log(f"database reachable again ({what})")
+            return out
+        except errors as e:
+            cause = e.__cause__ or e
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            if time.monotonic() - start > budget:
+                raise StorageError(f"the database stayed unreachable for {budget:.0f} s while {what}: {first}") from None
+            if not told:
+                log(f"database unreachable while {what} ({first}); retrying for up to {budget:.0f} s")
+                told = True
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 def _engine_kwargs(url: str) -> dict:
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 120}}  # many local workers: wait for the write lock
@@ -75,16 +155,24 @@ def _storage(url: str):
         path = pathlib.Path(url[len("sqlite:///"):])
         if not path.parent.is_dir():
             raise StorageError(f"storage {url!r}: the directory {str(path.parent)!r} does not exist.")
+    shown = masked_url(url)
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url),
-                                          heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD)
+                                          heartbeat_interval=heartbeat_interval(), grace_period=grace_period())
+    except ImportError as e:
+        hint = " (pip install psycopg2-binary, or lstm_lab[postgres])" if "psycopg" in str(e) else ""
+        raise StorageError(f"storage {shown!r} cannot be used: {type(e).__name__}: {e}{hint}") from None
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.NoSuchModuleError,
-            ImportError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise StorageError(f"storage {url!r} cannot be used: {type(e).__name__}: {first}") from None
+            sqlalchemy.exc.DBAPIError, ValueError) as e:
+        first = _first_line(e)
+        raise StorageError(f"storage {shown!r} cannot be used: {type(e).__name__}: {first}") from None
     except optuna.exceptions.StorageInternalError as e:
-        cause = e.__cause__ or e
-        raise StorageError(f"storage {url!r} cannot be reached: {str(cause).splitlines()[0]}") from None
+        raise StorageError(f"storage {shown!r} cannot be reached: {_first_line(e.__cause__ or e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(getattr(e, "orig", None) or e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def _quiet_optuna() -> None:
@@ -95,26 +183,51 @@ def _quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def study_dir_info(study_dir) -> dict:
+def study_dir_info(study_dir, storage: str | None = None) -> dict:
+    """The study's record: ``<study_dir>/study.json``; without one, and given ``storage``, the record
+    stored in the database under the study named ``basename(study_dir)`` (so ``status`` and ``report``
+    work from any machine that reaches the database)."""
     path = pathlib.Path(study_dir) / "study.json"
-    if not path.exists():
+    if path.exists():
+        return json.loads(path.read_text())
+    if storage is None:
         raise FileNotFoundError(f"{str(study_dir)!r} is not a study directory (no study.json); "
-                                f"run `lstm-lab sweep <study file> --dir {study_dir}` first.")
-    return json.loads(path.read_text())
+                                f"run `lstm-lab sweep <study file> --dir {study_dir}` first, or pass --storage URL "
+                                f"to read a study of that name from its database.")
+    return _info_from_db(pathlib.Path(study_dir).name, storage)
+
+
+def _info_from_db(name: str, url: str) -> dict:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_optuna()
+    rdb = _storage(url)
+    try:
+        attrs = optuna.load_study(study_name=name, storage=rdb).user_attrs
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False))
+        raise StudyConflictError(f"storage {masked_url(url)!r} has no study named {name!r} "
+                                 f"(it has: {', '.join(names) or 'none'}).") from None
+    if "lstm_lab_study" not in attrs:
+        raise StudyConflictError(f"storage {masked_url(url)!r}: study {name!r} was not made by lstm-lab sweep.")
+    return {"fingerprint": attrs["lstm_lab_fingerprint"], "storage": url, "source": attrs.get("lstm_lab_source"),
+            "source_text": attrs.get("lstm_lab_source_text"), "study": attrs["lstm_lab_study"],
+            "params": attrs["lstm_lab_params"]}
 
 
 def open_study(study_dir, storage: str | None = None, *, sampler=None):
     """The Optuna study of a study directory (read from its study.json)."""
     import optuna
 
-    info = study_dir_info(study_dir)
+    info = study_dir_info(study_dir, storage)
     url = storage or info["storage"]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _quiet_optuna()
     try:
         return optuna.load_study(study_name=info["study"]["name"], storage=_storage(url), sampler=sampler)
     except KeyError:
-        raise StudyConflictError(f"storage {url!r} has no study named {info['study']['name']!r}.") from None
+        raise StudyConflictError(f"storage {masked_url(url)!r} has no study named {info['study']['name']!r}.") from None
 
 
 def prepare_study(study: Study, study_dir, *, storage: str | None = None, force: bool = False,
@@ -158,23 +271,24 @@ def prepare_study(study: Study, study_dir, *, storage: str | None = None, force:
         ostudy = optuna.create_study(study_name=study.name, storage=rdb, direction=study.direction,
                                      sampler=study.sampler(), load_if_exists=True)
     except optuna.exceptions.StorageInternalError as e:
-        raise StorageError(f"storage {url!r}: {e.__cause__ or e}") from None
+        raise StorageError(f"storage {masked_url(url)!r}: {_first_line(e.__cause__ or e)}") from None
     stored = ostudy.user_attrs.get("lstm_lab_fingerprint")
     if stored is not None and stored != fp:
         if not force:
-            raise StudyConflictError(f"storage {url!r} already has a study named {study.name!r} from a different "
+            raise StudyConflictError(f"storage {masked_url(url)!r} already has a study named {study.name!r} from a different "
                                      f"study file (fingerprint {stored} != {fp}). Rename the study or use --force.")
         optuna.delete_study(study_name=study.name, storage=rdb)
         ostudy = optuna.create_study(study_name=study.name, storage=rdb, direction=study.direction,
                                      sampler=study.sampler())
         stored = None
     if stored is None:
+        ostudy.set_user_attr("lstm_lab_source", study.source)
+        ostudy.set_user_attr("lstm_lab_source_text", _source_text(study))
         ostudy.set_user_attr("lstm_lab_fingerprint", fp)
         ostudy.set_user_attr("lstm_lab_study", json.loads(json.dumps(record, default=str)))
         ostudy.set_user_attr("lstm_lab_params", study.describe_params())
     _atomic_json(sd / "study.json", {"fingerprint": fp, "storage": url, "source": study.source,
-                                     "source_text": pathlib.Path(study.source).read_text() if study.source and
-                                     pathlib.Path(study.source).exists() else None,
+                                     "source_text": _source_text(study),
                                      "study": record, "params": study.describe_params()})
     have = {t.user_attrs.get("slot") for t in ostudy.get_trials(deepcopy=False)}
     todo = [p for p in study.plan() if p["slot"] not in have]
@@ -184,6 +298,25 @@ def prepare_study(study: Study, study_dir, *, storage: str | None = None, force:
     if todo:
         log(f"study {study.name!r}: planned {len(todo)} trials in {url}")
     return ostudy
+
+
+def _source_text(study: Study) -> str | None:
+    path = pathlib.Path(study.source) if study.source else None
+    return path.read_text() if path is not None and path.is_file() else None
+
+
+def attach_study(study: Study, study_dir, storage: str, log: Callable[[str], None] = print) -> None:
+    """A worker joining a study that ``lstm-lab sweep`` planned in ``storage`` from another machine:
+    check the stored study is this one and write the local ``study.json``. Plans nothing."""
+    info = _info_from_db(study.name, storage)
+    if info["fingerprint"] != study.fingerprint():
+        raise StudyConflictError(f"storage {masked_url(storage)!r}: study {study.name!r} was planned from a different "
+                                 f"study file ({info.get('source')}); this worker's {study.source} differs. "
+                                 f"Workers must run the same study file.")
+    sd = pathlib.Path(study_dir)
+    sd.mkdir(parents=True, exist_ok=True)
+    _atomic_json(sd / "study.json", {**info, "storage": storage})
+    log(f"joined study {study.name!r} in {masked_url(storage)}")
 
 
 # ---------------------------------------------------------------------------
@@ -207,7 +340,7 @@ def _alive(pid: int, start: str | None) -> bool:
 
 
 def _owner() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid())}
+    return {"host": _host(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid())}
 
 
 def _requeue(ostudy, trial, status: str, reason: str) -> bool:
@@ -240,7 +373,7 @@ def reclaim_orphans(ostudy, log: Callable[[str], None] = print) -> int:
     import optuna
     from optuna.trial import TrialState
 
-    host, n = socket.gethostname(), 0
+    host, n = _host(), 0
     for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         ua = t.user_attrs
         if ua.get("host") == host and "pid" in ua and not _alive(int(ua["pid"]), ua.get("pid_start")):
@@ -252,6 +385,9 @@ def reclaim_orphans(ostudy, log: Callable[[str], None] = print) -> int:
         else set()
     for tid in stale_ids:
         t = storage.get_trial(tid)
+        ua = t.user_attrs
+        if ua.get("host") == host and "pid" in ua and _alive(int(ua["pid"]), ua.get("pid_start")):
+            continue  # its heartbeats were lost (a database outage), but its worker is alive here
         try:
             if _requeue(ostudy, t, "interrupted", "no heartbeat from its worker"):
                 log(f"trial {t.number} ({t.user_attrs.get('slot')}): no heartbeat; enqueued again")
@@ -275,7 +411,7 @@ class _Heartbeat:
                     self.storage.record_heartbeat(tid)
                 except Exception:  # noqa: BLE001 - a missed heartbeat is retried at the next tick
                     pass
-            self.stop.wait(HEARTBEAT_INTERVAL)
+            self.stop.wait(heartbeat_interval())
 
     def __enter__(self):
         self.thread.start()
@@ -304,9 +440,13 @@ def _pop(ostudy, study: Study, k: int) -> list:
         cfg = study.config_for(fixed["variant"], study.hyper_from_params(fixed), 0)
         return population_key(cfg)
 
-    got, group = [], "unset"
+    got, group, owned = [], "unset", set()
     for attempt in range(50):
         try:
+            for t in got:  # taken in an attempt that failed half-way: make sure they carry our name
+                if t._trial_id not in owned:
+                    _own(ostudy, t._trial_id)
+                    owned.add(t._trial_id)
             waiting = ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,))
             for t in waiting:
                 if len(got) >= k:
@@ -319,15 +459,26 @@ def _pop(ostudy, study: Study, k: int) -> list:
                         continue
                 try:
                     if ostudy._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                        for name, value in _owner().items():
-                            ostudy._storage.set_trial_user_attr(t._trial_id, name, value)
                         got.append(optuna.Trial(ostudy, t._trial_id))
+                        _own(ostudy, t._trial_id)
+                        owned.add(t._trial_id)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue
             return got
         except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError):
+            if attempt == 49 and not got:
+                raise  # not a busy SQLite: the caller's retry decides
             time.sleep(0.2 + 0.1 * attempt)  # SQLite busy: another worker is writing
     return got
+
+
+def _own(ostudy, trial_id: int) -> None:
+    """Record this worker on a trial it took, and a first heartbeat (so a death before the
+    heartbeat thread starts still goes stale)."""
+    for name, value in _owner().items():
+        ostudy._storage.set_trial_user_attr(trial_id, name, value)
+    if hasattr(ostudy._storage, "record_heartbeat"):
+        ostudy._storage.record_heartbeat(trial_id)
 
 
 # ---------------------------------------------------------------------------
@@ -351,7 +502,19 @@ def _workdir(study_dir: pathlib.Path, trial) -> pathlib.Path:
 
 
 def _finish(ostudy, study: Study, trial, summary: dict | None, error: str | None, log) -> str:
-    """Record a trial's outcome in the database; returns its status."""
+    """Record a trial's outcome in the database (retrying while it is unreachable); returns its status."""
+    import optuna
+
+    def record():
+        try:
+            return _record_outcome(ostudy, study, trial, summary, error)
+        except optuna.exceptions.UpdateFinishedTrialError:  # a retry after the outcome did land
+            return _status_of(ostudy._storage.get_trial(trial._trial_id))
+
+    return _retrying(record, f"recording the outcome of trial {trial.number}", log)
+
+
+def _record_outcome(ostudy, study: Study, trial, summary: dict | None, error: str | None) -> str:
     from optuna.trial import TrialState
 
     s = trial.storage if hasattr(trial, "storage") else ostudy._storage
@@ -393,7 +556,8 @@ def _run_solo(ostudy, study: Study, study_dir: pathlib.Path, trial, variant, hyp
 
     seed = int(trial.user_attrs["seed"])
     wd = _workdir(study_dir, trial)
-    ostudy._storage.set_trial_user_attr(trial._trial_id, "workdir", str(wd))
+    _retrying(lambda: ostudy._storage.set_trial_user_attr(trial._trial_id, "workdir", str(wd)), "recording a trial",
+              log)
     summary, error = None, None
     try:
         cfg = study.config_for(variant, hyper, seed)
@@ -412,7 +576,8 @@ def _run_population(ostudy, study: Study, study_dir: pathlib.Path, members, log)
     cfgs, wds = [], []
     for trial, variant, hyper in members:
         wd = _workdir(study_dir, trial)
-        ostudy._storage.set_trial_user_attr(trial._trial_id, "workdir", str(wd))
+        _retrying(lambda: ostudy._storage.set_trial_user_attr(trial._trial_id, "workdir", str(wd)),
+                  "recording a trial", log)
         cfgs.append(study.config_for(variant, hyper, int(trial.user_attrs["seed"])))
         wds.append(wd)
     try:
@@ -427,17 +592,28 @@ def _run_population(ostudy, study: Study, study_dir: pathlib.Path, members, log)
 
 
 def run_worker(study: Study, study_dir, *, storage: str | None = None, population: int = 1,
-               max_trials: int | None = None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Pull WAITING trials of the study until none is left; returns counts of what this worker ran."""
+               max_trials: int | None = None, log: Callable[[str], None] = print, progress: bool = True,
+               wait: bool = True) -> dict:
+    """Pull WAITING trials of the study until none is left; returns counts of what this worker ran.
+
+    With ``wait`` (the default) a worker that finds nothing to pop stays while other workers' trials
+    are RUNNING, and takes over any whose worker died (dead pid here, or a stale heartbeat); it
+    returns when every planned trial has an outcome."""
     from optuna.trial import TrialState
 
     from lstm_lab.population import population_key
 
     sd = pathlib.Path(study_dir)
+    if not (sd / "study.json").exists() and storage is not None:
+        attach_study(study, sd, storage, log)
     info = study_dir_info(sd)
     if info["fingerprint"] != study.fingerprint():
         raise StudyConflictError(f"{str(sd)!r} holds a different study than {study.source or study.name!r}.")
     ostudy = open_study(sd, storage, sampler=study.sampler())
+    stored = _retrying(lambda: ostudy.user_attrs.get("lstm_lab_fingerprint"), "reading the study", log)
+    if stored is not None and stored != study.fingerprint():
+        raise StudyConflictError(f"storage {masked_url(storage or info['storage'])!r}: study {study.name!r} was "
+                                 f"planned from a different study file than {study.source or study.name!r}.")
     counts: dict[str, int] = {}
     total = len(study.plan())
     bar = None
@@ -445,22 +621,34 @@ def run_worker(study: Study, study_dir, *, storage: str | None = None, populatio
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc=f"study {study.name}", unit="trial", dynamic_ncols=True, file=sys.stderr)
-    ran = 0
+    ran, waited = 0, False
     kill_trial, _, kill_step = os.environ.pop(DEBUG_KILL_TRIAL_ENV, "").partition(":")
+    poll = min(5.0, max(0.5, heartbeat_interval() / 2))
     try:
         while max_trials is None or ran < max_trials:
             if kill_trial and ran == int(kill_trial):
                 from lstm_lab.training import DEBUG_KILL_ENV
 
                 os.environ[DEBUG_KILL_ENV] = kill_step
-            reclaim_orphans(ostudy, log)
+            _retrying(lambda: reclaim_orphans(ostudy, log), "looking for orphaned trials", log)
             k = population if max_trials is None else min(population, max_trials - ran)
-            trials = _pop(ostudy, study, k)
+            trials = _retrying(lambda: _pop(ostudy, study, k), "taking trials", log)
             if not trials:
-                break
+                running = _retrying(lambda: ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
+                                    "reading the study", log)
+                if not wait or not running:
+                    break
+                if not waited:
+                    log(f"nothing waiting; {len(running)} trial(s) running elsewhere: waiting for them "
+                        f"(an orphan is taken over when its heartbeat is {grace_period()} s stale)")
+                    waited = True
+                time.sleep(poll)
+                continue
+            waited = False
             with _Heartbeat(ostudy, [t._trial_id for t in trials]):
                 try:
-                    members = [(t, *_suggest(t, study)) for t in trials]
+                    members = [(t, *_retrying(lambda t=t: _suggest(t, study), "reading a trial", log))
+                               for t in trials]
                     groups: dict = {}
                     for m in members:
                         cfg = study.config_for(m[1], m[2], 0)
@@ -481,9 +669,12 @@ def run_worker(study: Study, study_dir, *, storage: str | None = None, populatio
                             _requeue(ostudy, fresh, "interrupted", "interrupted (KeyboardInterrupt)")
                     raise
             if bar is not None:
-                st = study_status(sd, storage=storage, ostudy=ostudy)
-                bar.n = st["done"]
-                bar.refresh()
+                try:
+                    st = study_status(sd, storage=storage, ostudy=ostudy)
+                    bar.n = st["done"]
+                    bar.refresh()
+                except _transient_errors():
+                    pass
     finally:
         if bar is not None:
             bar.close()
@@ -540,7 +731,7 @@ def _status_of(t) -> str:
 def study_status(study_dir, *, storage: str | None = None, ostudy=None) -> dict:
     """Per variant: ``planned``, ``done`` (= ``complete`` + ``failed``), ``running``, ``waiting``, ``failed``
     (raised or diverged; ``diverged`` counts the latter), the ``best`` value so far; the same totals, and an ETA."""
-    info = study_dir_info(study_dir)
+    info = study_dir_info(study_dir, storage)
     ostudy = ostudy or open_study(study_dir, storage)
     rec = info["study"]
     sign = 1 if rec["direction"] == "minimize" else -1
@@ -575,7 +766,8 @@ def study_status(study_dir, *, storage: str | None = None, ostudy=None) -> dict:
     eta = (sum(walls) / len(walls)) * left / workers if walls and left else (0.0 if not left else None)
     bests = [v["best"] for v in variants.values() if v["best"] is not None]
     best = (min(bests) if sign > 0 else max(bests)) if bests else None
-    return {"study": rec["name"], "metric": rec["metric"], "direction": rec["direction"], "storage": info["storage"],
+    return {"study": rec["name"], "metric": rec["metric"], "direction": rec["direction"],
+            "storage": masked_url(storage or info["storage"]),
             "variants": variants, **tot, "best": best,
             "eta_seconds": eta}
 
@@ -602,7 +794,7 @@ def load_trials(study_dir, *, storage: str | None = None, all_attempts: bool = F
     ``error``, ``retry_of`` and one column per hyperparameter (actual values, e.g. momentum not 1 - momentum)."""
     import pandas as pd
 
-    info = study_dir_info(study_dir)
+    info = study_dir_info(study_dir, storage)
     ostudy = open_study(study_dir, storage)
     trials = ostudy.get_trials(deepcopy=False) if all_attempts else sorted(_slot_trials(ostudy).values(),
                                                                             key=lambda t: t.number)
@@ -632,12 +824,21 @@ def load_curves(study_dir, *, storage: str | None = None, trials=None):
     import pandas as pd
 
     trials = load_trials(study_dir, storage=storage) if trials is None else trials
-    rows = []
+    rows, missing = [], []
     for t in trials.itertuples():
-        if not isinstance(t.workdir, str):
+        path = pathlib.Path(t.workdir) / "metrics.jsonl" if isinstance(t.workdir, str) else None
+        if path is None or not path.is_file():
+            missing.append(t)
             continue
-        for rec in read_jsonl(pathlib.Path(t.workdir) / "metrics.jsonl", kinds=("train", "valid")):
+        for rec in read_jsonl(path, kinds=("train", "valid")):
             if rec.get("loss") is not None:
                 rows.append({"number": t.number, "variant": t.variant, "slot": t.slot, "step": rec["step"],
                              "split": rec["kind"], "loss": rec["loss"]})
+    if missing:  # run directories not on this machine: the validation curve the database keeps
+        by_number = {ft.number: ft for ft in open_study(study_dir, storage).get_trials(deepcopy=False)}
+        for t in missing:
+            ft = by_number.get(t.number)
+            for step, loss in sorted((ft.intermediate_values if ft is not None else {}).items()):
+                rows.append({"number": t.number, "variant": t.variant, "slot": t.slot, "step": step,
+                             "split": "valid", "loss": loss})
     return pd.DataFrame(rows, columns=["number", "variant", "slot", "step", "split", "loss"])
