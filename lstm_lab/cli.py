@@ -92,6 +92,14 @@ def _train(args, parser) -> int:
         key, value = item.split("=", 1)
         overrides[key.strip()] = parse_value(value)
     try:
+        if args.distributed:
+            from lstm_lab import distributed
+
+            d = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+            print(f"distributed: process {d['process_id']} of {d['num_processes']}, {d['local_devices']} local of "
+                  f"{d['devices']} devices", file=sys.stderr)
+        elif args.coordinator or args.num_processes is not None or args.process_id is not None:
+            parser.error("--coordinator/--num-processes/--process-id need --distributed")
         cfg = load_config(args.config, overrides)
         workdir = args.workdir or str(pathlib.Path("runs") / pathlib.Path(args.config).stem)
         summary = train(cfg, workdir, force=args.force, resume=args.resume or None, quiet=args.quiet)
@@ -183,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--resume", action="store_true", help="require a checkpoint in the workdir and resume it")
     tr.add_argument("--force", action="store_true", help="move a different run in the workdir aside and start over")
     tr.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    tr.add_argument("--distributed", action="store_true",
+                    help="one run over several processes/machines (jax.distributed; SLURM/MPI detected, or the "
+                         "three flags below, or LSTM_LAB_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID)")
+    tr.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+    tr.add_argument("--num-processes", type=int, help="how many processes take part (with --distributed)")
+    tr.add_argument("--process-id", type=int, help="this process's id, 0 .. N-1 (with --distributed)")
     sa = sub.add_parser("sample", help="sample text from a trained char_lm or word_lm run")
     sa.add_argument("workdir")
     sa.add_argument("--prompt", default="")

@@ -150,7 +150,10 @@ class _Metrics:
     """metrics.jsonl plus TensorBoard events (when tensorboardX is importable)."""
 
     def __init__(self, workdir: pathlib.Path, quiet: bool):
-        self.file = open(workdir / "metrics.jsonl", "a")
+        self.file = open(workdir / "metrics.jsonl", "a") if jax.process_index() == 0 else open(os.devnull, "w")
+        self.tb = None
+        if jax.process_index() != 0:  # multi-host: process 0 keeps the records
+            return
         try:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(str(workdir))
@@ -176,6 +179,15 @@ class _Metrics:
 # ---------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------
+def _to_host(leaf) -> np.ndarray:
+    """A leaf as a NumPy array; an array sharded over several processes is gathered first."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
+
+
 class _Checkpoints:
     """Orbax CheckpointManagers: ``last`` (keep k) and ``best`` (keep 1). A checkpoint is the
     train state's leaves plus JSON metadata; an unreadable one falls back to the one before."""
@@ -191,7 +203,7 @@ class _Checkpoints:
                          "best": ocp.CheckpointManager(root / "best", options=opts(1))}
 
     def save(self, which: str, step: int, state, meta: dict) -> None:
-        leaves = {f"{i:05d}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(state))}
+        leaves = {f"{i:05d}": _to_host(leaf) for i, leaf in enumerate(jax.tree.leaves(state))}
         mgr = self.managers[which]
         if step in mgr.all_steps():  # the same step again (a resumed run's final save)
             return
@@ -202,7 +214,7 @@ class _Checkpoints:
     def restore(self, which: str, target) -> tuple[Any, dict] | None:
         mgr = self.managers[which]
         treedef = jax.tree.structure(target)
-        template = {f"{i:05d}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(target))}
+        template = {f"{i:05d}": _to_host(leaf) for i, leaf in enumerate(jax.tree.leaves(target))}
         for step in sorted(mgr.all_steps(), reverse=True):
             try:
                 out = mgr.restore(step, args=self.ocp.args.Composite(
@@ -260,7 +272,10 @@ def run_summary(cfg: Config, task, info: dict, wd: pathlib.Path, *, status, reas
                "valid": _finite(valid) or {"loss": None}, "test": _finite(test) or {"loss": None},
                "baseline": task.baseline, "task": info["name"], "cell": cell_from_config(cfg.model.cell).name,
                "seed": cfg.train.seed, "devices": devices, "workdir": str(wd), **extra}
-    _atomic_json(wd / "summary.json", summary)
+    if jax.process_count() > 1:
+        summary["processes"] = jax.process_count()
+    if jax.process_index() == 0:
+        _atomic_json(wd / "summary.json", summary)
     return summary
 
 
@@ -283,7 +298,8 @@ def _prepare_workdir(workdir: pathlib.Path, record: dict, force: bool, log) -> N
                 if p != aside and not p.name.startswith("replaced-"):
                     shutil.move(str(p), aside / p.name)
             log(f"moved the previous run (config differed in {', '.join(diff)}) to {aside}")
-    _atomic_json(cfile, record)
+    if jax.process_index() == 0:
+        _atomic_json(cfile, record)
 
 
 def load_run(workdir) -> tuple[Config, dict]:
@@ -295,6 +311,12 @@ def load_run(workdir) -> tuple[Config, dict]:
         raise FileNotFoundError(f"{str(wd)!r} is not a run directory (no config.json).")
     cfg = from_dict(json.loads((wd / "config.json").read_text())["config"])
     return cfg, json.loads((wd / "task.json").read_text())
+
+
+def _replicated():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    return NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P())
 
 
 def _device_setup(batch_size: int, eval_batch_size: int):
@@ -309,6 +331,7 @@ def _device_setup(batch_size: int, eval_batch_size: int):
 
     mesh = Mesh(np.array(devices), ("data",))
     data, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    # every process passes the same global (host) array; each keeps its devices' rows
     return (lambda a: jax.device_put(a, data)), (lambda t: jax.device_put(t, repl)), n
 
 
@@ -339,12 +362,13 @@ def train(cfg: Config, workdir, *, force: bool = False, resume: bool | None = No
             log(f"{wd}: this run already finished ({done['status']}); summary.json is its record")
             return done
     info = _task_info(task)
-    _atomic_json(wd / "task.json", info)
-    task.save(wd)
+    if jax.process_index() == 0:
+        _atomic_json(wd / "task.json", info)
+        task.save(wd)
     try:
         return _fit(cfg, task, info, tx, wd, resume=resume, quiet=quiet, log=log)
     except BaseException as e:
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) or jax.process_index() != 0:
             raise
         _atomic_json(summary_path, {"status": "failed", "error": f"{type(e).__name__}: {e}", "workdir": str(wd)})
         raise
@@ -392,7 +416,10 @@ def _fit(cfg: Config, task, info, tx, wd: pathlib.Path, *, resume, quiet, log) -
         if stateful:
             carry = reset(carry, batch)
         out, new_carry = m(batch["inputs"], carry if stateful else None, train=False)
-        return task.metric_sums(out, batch), (new_carry if stateful else {})
+        sums = task.metric_sums(out, batch)
+        if jax.process_count() > 1:  # per-row sums live on several hosts: replicate them for the host-side sum
+            sums = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, _replicated()), sums)
+        return sums, (new_carry if stateful else {})
 
     train_step = jax.jit(train_step, donate_argnums=(0, 1, 2))
     eval_step = jax.jit(eval_step)
