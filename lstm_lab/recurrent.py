@@ -106,6 +106,20 @@ def init_params(spec: CellSpec, in_features: int, hidden_size: int, key: jax.Arr
 # ---------------------------------------------------------------------------
 # The scan
 # ---------------------------------------------------------------------------
+# What impl="auto" runs, per backend and cell family, from benchmarks/layer_speed.py
+# (benchmarks/NOTES.md, "impl=auto"): on the CPU scan_vjp is as fast or faster than scan for the
+# LSTM family at every anchor shape (-27% at T/B/H 100/32/128, -14% at 1000/1/64, -1 to -4% at
+# H = 256/512; FGR equal). GPU/TPU: not measured yet, so the plain scan.
+AUTO_IMPL = {("cpu", "lstm"): "scan_vjp"}
+
+
+def resolve_impl(impl: str, spec: CellSpec, backend: str | None = None) -> str:
+    """The implementation ``impl`` runs for ``spec`` on ``backend`` (default: JAX's default backend)."""
+    if impl != "auto":
+        return impl
+    return AUTO_IMPL.get((backend or jax.default_backend(), spec.family), "scan")
+
+
 def _flip(a: jax.Array, lengths: jax.Array | None) -> jax.Array:
     """Reverse ``a`` ``[T, B, ...]`` in time, each sequence within its own length."""
     if lengths is None:
@@ -324,7 +338,11 @@ class RNN(nnx.Module):
       chrono_init: ``T_max`` for chrono initialisation (Tallec & Ollivier 2018),
         or None.
       unroll: scan unroll factor.
-      impl: ``"auto"`` or ``"scan"`` (the only implementation so far).
+      impl: ``"auto"`` (see :func:`resolve_impl`), ``"scan"`` (``lax.scan`` of the
+        step, autodiff backward) or ``"scan_vjp"`` (LSTM family: the same forward
+        with a custom backward that keeps the weight gradients out of the loop).
+      remat: with ``scan_vjp``, save only the step inputs and recompute the
+        recurrent product in the backward (less memory for long sequences).
       rngs: :class:`flax.nnx.Rngs` with a ``params`` stream (and ``dropout``
         when ``dropout > 0``).
 
@@ -506,7 +524,7 @@ class RNN(nnx.Module):
                     c0 = jax.tree.map(lambda a: jnp.asarray(a).reshape(B, a.shape[-1]).astype(acc),
                                       initial_carry[li][d])
                 want_trace = trace_at == (li, d)
-                if self.impl == "scan_vjp" and not want_trace:
+                if resolve_impl(self.impl, self.spec) == "scan_vjp" and not want_trace:
                     ys, cf, tr = scan_cell_vjp(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
                                                unroll=self.unroll, remat=self.remat)
                 else:

@@ -319,8 +319,8 @@ def _replicated():
     return NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P())
 
 
-def _device_setup(batch_size: int, eval_batch_size: int):
-    devices = jax.devices()
+def _device_setup(batch_size: int, eval_batch_size: int, devices=None):
+    devices = jax.devices() if devices is None else devices
     n = len(devices)
     if n == 1:
         return (lambda a: jax.device_put(a)), (lambda t: t), 1

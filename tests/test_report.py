@@ -1,4 +1,4 @@
-"""lstm_lab.sweep.report: the Odyssey-style study report, on small synthetic studies.
+"""lstm_lab.sweep.reporting: the Odyssey-style study report, on small synthetic studies.
 
 The synthetic metric depends strongly on the learning rate (a parabola in log
 space), weakly on the rest, and NFG is 1.0 worse than the others, so the report
@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pytest
 
-from lstm_lab.sweep.report import build_report, display_name, fmt, fmt_p
+from lstm_lab.sweep.reporting import build_report, display_name, fmt, fmt_p
 
 pd = pytest.importorskip("pandas")
 optuna = pytest.importorskip("optuna")

@@ -266,13 +266,19 @@ def test_four_device_data_parallel_matches_one_device(tmp_path, corpus):
     cfg = tiny_lm(corpus, **{"model.dropout": 0.0, "model.input_noise": 0.0, "train.steps": 20})
     exp = tmp_path / "exp.py"
     exp.write_text(f"overrides = {cfglib.to_overrides(cfg)!r}\n")
-    one = _cli_train(exp, tmp_path / "one")
+    a = train(cfg, tmp_path / "one", quiet=True, log=lambda m: None)  # one device, in this process
     four = _cli_train(exp, tmp_path / "four", {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-    assert one.returncode == 0 and four.returncode == 0, four.stderr
-    a = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert four.returncode == 0, four.stderr
     b = json.loads((tmp_path / "four" / "summary.json").read_text())
     assert a["devices"] == 1 and b["devices"] == 4
     assert b["valid"]["loss"] == pytest.approx(a["valid"]["loss"], abs=1e-5)
     assert b["test"]["loss"] == pytest.approx(a["test"]["loss"], abs=1e-5)
-    bad = _cli_train(exp, tmp_path / "bad", {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"})
-    assert bad.returncode == 2 and "divisible by the 3 visible devices" in bad.stderr
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+    from lstm_lab.training import _device_setup
+
+    with pytest.raises(ValueError, match="train.batch_size=4 must be divisible by the 3 visible devices"):
+        _device_setup(4, 6, devices=[object()] * 3)
+    with pytest.raises(ValueError, match="train.eval_batch_size=16 must be divisible by the 3 visible devices"):
+        _device_setup(6, 16, devices=[object()] * 3)

@@ -112,7 +112,7 @@ def report(study_dir, out_dir=None, *, storage: str | None = None) -> pathlib.Pa
     meta = {"name": rec["name"], "metric": rec["metric"], "direction": rec["direction"], "baseline": rec["baseline"],
             "variants": [v if isinstance(v, str) else v["name"] for v in rec["variants"]],
             "task": rec["base_config"]["task"]["name"], "params": info["params"]}
-    from lstm_lab.sweep.report import build_report
+    from lstm_lab.sweep.reporting import build_report
 
     frozen = open_study(study_dir, storage).get_trials(deepcopy=False)
     out = pathlib.Path(out_dir) if out_dir else pathlib.Path(study_dir) / "report"

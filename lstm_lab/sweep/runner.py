@@ -448,21 +448,35 @@ def _pop(ostudy, study: Study, k: int) -> list:
                     _own(ostudy, t._trial_id)
                     owned.add(t._trial_id)
             waiting = ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if k > 1:
+                # workers popping at once should not split a population: start with groups nobody is
+                # taking (no member RUNNING yet), and leave a group to the worker that won a race for it
+                keys = {t._trial_id: key_of(t) for t in waiting}
+                busy = {key_of(t) for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                        if t._trial_id not in owned}
+                waiting = sorted(waiting, key=lambda t: keys[t._trial_id] in busy and keys[t._trial_id] is not None)
+                lost: set = set()
             for t in waiting:
                 if len(got) >= k:
                     break
                 if k > 1:
-                    tk = key_of(t)
-                    if group == "unset":
-                        group = tk
-                    elif tk != group:
+                    tk = keys[t._trial_id]
+                    if group == "unset" and tk is not None and tk in lost:
+                        continue
+                    if group != "unset" and tk != group:
                         continue
                 try:
                     if ostudy._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                         got.append(optuna.Trial(ostudy, t._trial_id))
+                        if k > 1 and group == "unset":
+                            group = tk
                         _own(ostudy, t._trial_id)
                         owned.add(t._trial_id)
+                    elif k > 1 and group == "unset":
+                        lost.add(tk)  # another worker took it: its group is theirs
                 except optuna.exceptions.UpdateFinishedTrialError:
+                    if k > 1 and group == "unset":
+                        lost.add(tk)
                     continue
             return got
         except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError):
