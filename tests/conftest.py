@@ -62,3 +62,12 @@ def carry_to_ref(carry, batch_shape):
     B = math.prod(batch_shape)
     return [[{k: np.asarray(v, np.float64).reshape(B, -1) for k, v in state._asdict().items()}
              for state in layer] for layer in carry]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for servers and coordinators the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,25 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from conftest import free_port
 from lstm_lab import config as cfglib, training
 
 from test_training import corpus, tiny_lm  # noqa: F401 - fixture
 
 CMD = [sys.executable, "-m", "lstm_lab.cli", "train"]
-
-
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def _env(**extra):
@@ -38,7 +30,7 @@ def test_two_processes_match_one_process(tmp_path, corpus):  # noqa: F811
     exp.write_text(f"overrides = {cfglib.to_overrides(cfg)!r}\n")
     # the reference in this process: one device (test_training checks 1 device == 4 devices)
     a = training.train(cfg, tmp_path / "one", quiet=True, log=lambda m: None)
-    port = _port()
+    port = free_port()
     procs = [subprocess.Popen(CMD + [str(exp), "--workdir", str(tmp_path / "two"), "--quiet", "--distributed",
                                      "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                      "--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 from lstm_lab import sweep
 from lstm_lab.sweep import runner
 
+from conftest import free_port
 from test_sweep import cli, slot_outcomes, write_study
 
 PG = os.environ.get("LSTM_LAB_TEST_POSTGRES")
@@ -146,14 +146,6 @@ def test_database_restart_mid_sweep(tmp_path, pg_url):
     assert len(outcomes) == 2 and all(v == ["complete"] for v in outcomes.values()), outcomes
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_bad_urls_credentials_and_a_different_study(tmp_path, pg_url):
     import sqlalchemy as sa
 
@@ -161,7 +153,7 @@ def test_bad_urls_credentials_and_a_different_study(tmp_path, pg_url):
     sd = tmp_path / "study"
     u = sa.engine.make_url(pg_url)
     cases = {
-        "nothing listens": u.set(port=_free_port()),
+        "nothing listens": u.set(port=free_port()),
         "wrong password": u.set(password="not-the-password"),
         "wrong user": u.set(username="nobody"),
         "no such database": u.set(database="no_such_db"),
