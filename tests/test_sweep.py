@@ -228,3 +228,37 @@ def test_tpe_search_in_process_and_dataframe(tmp_path):
     assert list(t.intermediate_values) == [5, 10]  # the validation curve
     cfg = json.loads((pathlib.Path(df.workdir[0]) / "config.json").read_text())["config"]
     assert math.isclose(cfg["optim"]["momentum"], df["optim.momentum"][0])
+
+
+def test_database_retries_transient_errors_only(monkeypatch):
+    import optuna
+    import sqlalchemy.exc as se
+
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    lost = se.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+    calls, logs = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise optuna.exceptions.StorageInternalError("x") from lost
+        return "ok"
+
+    assert runner._retrying(flaky, "testing", logs.append) == "ok" and len(calls) == 3
+    assert "database unreachable while testing (server closed the connection unexpectedly)" in logs[0]
+    assert logs[-1] == "database reachable again (testing)"
+
+    def bad_statement():
+        raise optuna.exceptions.StorageInternalError("x") from se.IntegrityError("INSERT", {}, Exception("dup"))
+
+    with pytest.raises(optuna.exceptions.StorageInternalError):  # not retried: not a connection problem
+        runner._retrying(bad_statement, "testing", logs.append)
+
+    monkeypatch.setenv("LSTM_LAB_DB_RETRY_SECONDS", "0.01")
+    t = iter(range(1000))
+    monkeypatch.setattr(runner.time, "monotonic", lambda: float(next(t)))
+    with pytest.raises(runner.StorageError, match="stayed unreachable for 0 s while testing"):
+        runner._retrying(lambda: (_ for _ in ()).throw(lost), "testing", logs.append)
+    monkeypatch.setenv("LSTM_LAB_DB_RETRY_SECONDS", "soon")
+    with pytest.raises(StudyError, match="LSTM_LAB_DB_RETRY_SECONDS='soon'"):
+        runner._retrying(flaky, "testing", logs.append)

@@ -113,8 +113,16 @@ def _transient_errors() -> tuple:
     import optuna
     import sqlalchemy.exc
 
-    return (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
-            sqlalchemy.exc.DBAPIError)
+    return (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+
+
+def _is_transient(e: BaseException) -> bool:
+    """A lost or refused connection (server restart, network, SQLite busy) — not a bad statement or data."""
+    import sqlalchemy.exc
+
+    cause = e.__cause__ if e.__cause__ is not None else e
+    return isinstance(cause, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or \
+        (cause is e and not isinstance(e, sqlalchemy.exc.DBAPIError))
 
 
 def _retrying(fn, what: str, log: Callable[[str], None] = print):
@@ -130,8 +138,9 @@ def _retrying(fn, what: str, log: Callable[[str], None] = print):
                 log(f"database reachable again ({what})")
             return out
         except errors as e:
-            cause = e.__cause__ or e
-            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            if not _is_transient(e):
+                raise
+            first = _first_line(e.__cause__ or e)
             if time.monotonic() - start > budget:
                 raise StorageError(f"the database stayed unreachable for {budget:.0f} s while {what}: {first}") from None
             if not told:
