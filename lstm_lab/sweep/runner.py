@@ -434,7 +434,7 @@ class _Heartbeat:
 # ---------------------------------------------------------------------------
 # Popping trials
 # ---------------------------------------------------------------------------
-def _pop(ostudy, study: Study, k: int) -> list:
+def _pop(ostudy, study: Study, k: int, cache: dict | None = None) -> list:
     """Up to ``k`` WAITING trials, all of one population group where the plan fixes the shapes."""
     import optuna
     import sqlalchemy.exc
@@ -442,12 +442,18 @@ def _pop(ostudy, study: Study, k: int) -> list:
 
     from lstm_lab.population import population_key
 
+    cache = {} if cache is None else cache  # trial id -> population group, kept by the worker across pops
+
     def key_of(t):
+        if t._trial_id in cache:  # a trial's planned parameters never change: build its config once per worker
+            return cache[t._trial_id]
         fixed = t.system_attrs.get("fixed_params", {})
         if set(study.space) and not all(d.optuna_name(k_) in fixed for k_, d in study.space.items()):
-            return None  # a sampler decides: grouped after the suggestions
-        cfg = study.config_for(fixed["variant"], study.hyper_from_params(fixed), 0)
-        return population_key(cfg)
+            key = None  # a sampler decides: grouped after the suggestions
+        else:
+            key = population_key(study.config_for(fixed["variant"], study.hyper_from_params(fixed), 0))
+        cache[t._trial_id] = key
+        return key
 
     got, group, owned = [], "unset", set()
     for attempt in range(50):
@@ -647,6 +653,7 @@ def run_worker(study: Study, study_dir, *, storage: str | None = None, populatio
     ran, waited = 0, False
     kill_trial, _, kill_step = os.environ.pop(DEBUG_KILL_TRIAL_ENV, "").partition(":")
     poll = min(5.0, max(0.5, heartbeat_interval() / 2))
+    pop_keys: dict = {}
     try:
         while max_trials is None or ran < max_trials:
             if kill_trial and ran == int(kill_trial):
@@ -655,7 +662,7 @@ def run_worker(study: Study, study_dir, *, storage: str | None = None, populatio
                 os.environ[DEBUG_KILL_ENV] = kill_step
             _retrying(lambda: reclaim_orphans(ostudy, log), "looking for orphaned trials", log)
             k = population if max_trials is None else min(population, max_trials - ran)
-            trials = _retrying(lambda: _pop(ostudy, study, k), "taking trials", log)
+            trials = _retrying(lambda: _pop(ostudy, study, k, pop_keys), "taking trials", log)
             if not trials:
                 running = _retrying(lambda: ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
                                     "reading the study", log)
