@@ -45,6 +45,7 @@ from lstm_lab._hints import did_you_mean
 from lstm_lab._io import atomic_json as _atomic_json, json_default as _json_default
 from lstm_lab.config import Config, OptimConfig, to_dict
 from lstm_lab.data.batching import prefetch
+from lstm_lab.distributed import is_primary
 from lstm_lab.models import SequenceModel, cell_from_config
 
 __all__ = ["train", "build_optimizer", "make_optimizer", "load_model", "build_model", "RunConflictError", "STATUSES",
@@ -150,9 +151,9 @@ class _Metrics:
     """metrics.jsonl plus TensorBoard events (when tensorboardX is importable)."""
 
     def __init__(self, workdir: pathlib.Path, quiet: bool):
-        self.file = open(workdir / "metrics.jsonl", "a") if jax.process_index() == 0 else open(os.devnull, "w")
+        self.file = open(workdir / "metrics.jsonl", "a") if is_primary() else open(os.devnull, "w")
         self.tb = None
-        if jax.process_index() != 0:  # multi-host: process 0 keeps the records
+        if not is_primary():  # multi-host: process 0 keeps the records
             return
         try:
             from tensorboardX import SummaryWriter
@@ -214,7 +215,9 @@ class _Checkpoints:
     def restore(self, which: str, target) -> tuple[Any, dict] | None:
         mgr = self.managers[which]
         treedef = jax.tree.structure(target)
-        template = {f"{i:05d}": _to_host(leaf) for i, leaf in enumerate(jax.tree.leaves(target))}
+        # shapes and dtypes only: no device-to-host copy (nor a cross-process gather) for a template
+        template = {f"{i:05d}": np.empty(np.shape(leaf), getattr(leaf, "dtype", None) or np.asarray(leaf).dtype)
+                    for i, leaf in enumerate(jax.tree.leaves(target))}
         for step in sorted(mgr.all_steps(), reverse=True):
             try:
                 out = mgr.restore(step, args=self.ocp.args.Composite(
@@ -274,7 +277,7 @@ def run_summary(cfg: Config, task, info: dict, wd: pathlib.Path, *, status, reas
                "seed": cfg.train.seed, "devices": devices, "workdir": str(wd), **extra}
     if jax.process_count() > 1:
         summary["processes"] = jax.process_count()
-    if jax.process_index() == 0:
+    if is_primary():
         _atomic_json(wd / "summary.json", summary)
     return summary
 
@@ -298,7 +301,7 @@ def _prepare_workdir(workdir: pathlib.Path, record: dict, force: bool, log) -> N
                 if p != aside and not p.name.startswith("replaced-"):
                     shutil.move(str(p), aside / p.name)
             log(f"moved the previous run (config differed in {', '.join(diff)}) to {aside}")
-    if jax.process_index() == 0:
+    if is_primary():
         _atomic_json(cfile, record)
 
 
@@ -313,17 +316,11 @@ def load_run(workdir) -> tuple[Config, dict]:
     return cfg, json.loads((wd / "task.json").read_text())
 
 
-def _replicated():
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-    return NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P())
-
-
 def _device_setup(batch_size: int, eval_batch_size: int, devices=None):
     devices = jax.devices() if devices is None else devices
     n = len(devices)
     if n == 1:
-        return (lambda a: jax.device_put(a)), (lambda t: t), 1
+        return (lambda a: jax.device_put(a)), (lambda t: t), 1, None
     for name, b in (("train.batch_size", batch_size), ("train.eval_batch_size", eval_batch_size)):
         if b % n:
             raise ValueError(f"config: {name}={b} must be divisible by the {n} visible devices (data parallel).")
@@ -332,7 +329,7 @@ def _device_setup(batch_size: int, eval_batch_size: int, devices=None):
     mesh = Mesh(np.array(devices), ("data",))
     data, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     # every process passes the same global (host) array; each keeps its devices' rows
-    return (lambda a: jax.device_put(a, data)), (lambda t: jax.device_put(t, repl)), n
+    return (lambda a: jax.device_put(a, data)), (lambda t: jax.device_put(t, repl)), n, repl
 
 
 def train(cfg: Config, workdir, *, force: bool = False, resume: bool | None = None, quiet: bool = False,
@@ -362,13 +359,13 @@ def train(cfg: Config, workdir, *, force: bool = False, resume: bool | None = No
             log(f"{wd}: this run already finished ({done['status']}); summary.json is its record")
             return done
     info = _task_info(task)
-    if jax.process_index() == 0:
+    if is_primary():
         _atomic_json(wd / "task.json", info)
         task.save(wd)
     try:
         return _fit(cfg, task, info, tx, wd, resume=resume, quiet=quiet, log=log)
     except BaseException as e:
-        if isinstance(e, (KeyboardInterrupt, SystemExit)) or jax.process_index() != 0:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) or not is_primary():
             raise
         _atomic_json(summary_path, {"status": "failed", "error": f"{type(e).__name__}: {e}", "workdir": str(wd)})
         raise
@@ -377,7 +374,7 @@ def train(cfg: Config, workdir, *, force: bool = False, resume: bool | None = No
 def _fit(cfg: Config, task, info, tx, wd: pathlib.Path, *, resume, quiet, log) -> dict:
     t = cfg.train
     eval_bs = t.eval_batch_size or t.batch_size
-    put_data, put_repl, n_dev = _device_setup(t.batch_size, eval_bs)
+    put_data, put_repl, n_dev, replicated = _device_setup(t.batch_size, eval_bs)
     model = build_model(cfg, info)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     stateful = info["stateful"]
@@ -418,7 +415,7 @@ def _fit(cfg: Config, task, info, tx, wd: pathlib.Path, *, resume, quiet, log) -
         out, new_carry = m(batch["inputs"], carry if stateful else None, train=False)
         sums = task.metric_sums(out, batch)
         if jax.process_count() > 1:  # per-row sums live on several hosts: replicate them for the host-side sum
-            sums = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, _replicated()), sums)
+            sums = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, replicated), sums)
         return sums, (new_carry if stateful else {})
 
     train_step = jax.jit(train_step, donate_argnums=(0, 1, 2))

@@ -169,7 +169,7 @@ def _storage(url: str):
         return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url),
                                           heartbeat_interval=heartbeat_interval(), grace_period=grace_period())
     except ImportError as e:
-        hint = " (pip install psycopg2-binary, or lstm_lab[postgres])" if "psycopg" in str(e) else ""
+        hint = " (pip install 'psycopg[binary]', or lstm_lab[postgres])" if "psycopg" in str(e) else ""
         raise StorageError(f"storage {shown!r} cannot be used: {type(e).__name__}: {e}{hint}") from None
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.NoSuchModuleError,
             sqlalchemy.exc.DBAPIError, ValueError) as e:
@@ -348,6 +348,13 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or _proc_start(pid) in (None, start)
 
 
+def _owner_alive_here(ua: dict, host: str) -> bool | None:
+    """Whether a trial's worker process is alive; None when it ran on another host (only its heartbeat tells)."""
+    if ua.get("host") != host or "pid" not in ua:
+        return None
+    return _alive(int(ua["pid"]), ua.get("pid_start"))
+
+
 def _owner() -> dict:
     return {"host": _host(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid())}
 
@@ -385,7 +392,7 @@ def reclaim_orphans(ostudy, log: Callable[[str], None] = print) -> int:
     host, n = _host(), 0
     for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         ua = t.user_attrs
-        if ua.get("host") == host and "pid" in ua and not _alive(int(ua["pid"]), ua.get("pid_start")):
+        if _owner_alive_here(ua, host) is False:
             if _requeue(ostudy, t, "interrupted", f"worker pid {ua['pid']} on {host} died mid-trial"):
                 log(f"trial {t.number} ({ua.get('slot')}): its worker (pid {ua['pid']}) died; enqueued again")
                 n += 1
@@ -394,8 +401,7 @@ def reclaim_orphans(ostudy, log: Callable[[str], None] = print) -> int:
         else set()
     for tid in stale_ids:
         t = storage.get_trial(tid)
-        ua = t.user_attrs
-        if ua.get("host") == host and "pid" in ua and _alive(int(ua["pid"]), ua.get("pid_start")):
+        if _owner_alive_here(t.user_attrs, host):
             continue  # its heartbeats were lost (a database outage), but its worker is alive here
         try:
             if _requeue(ostudy, t, "interrupted", "no heartbeat from its worker"):
