@@ -6,7 +6,11 @@
     python benchmarks/layer_speed.py [--cells lstm,gru,...] [--dtypes float32,bfloat16]
                                      [--shapes 100x32x128,1000x1x64] [--impls scan,...]
                                      [--repeats 20] [--unroll 1] [--skip torch,flax,cudnn]
+                                     [--matmul-precision default|highest] [--block-b 16 --num-warps N]
                                      [--out results.json] [--markdown]
+
+    # on a GPU, the fused kernel against cuDNN (float32 matmuls in TF32 unless --matmul-precision highest)
+    python benchmarks/layer_speed.py --impls scan,scan_vjp,pallas --dtypes float32,bfloat16 --markdown
 
 One step is what training needs: ``loss = sum(ys * g)`` for a fixed random ``g``, gradients
 w.r.t. every parameter AND the input ``x``; one layer, input size = hidden size, input projection
@@ -116,14 +120,15 @@ def _jax_step(module, x_np, g_np, dtype, call):
     return lambda: jax.block_until_ready(step(params, x))
 
 
-def lstm_lab_step(cell, impl, T, B, H, dtype_name, unroll):
+def lstm_lab_step(cell, impl, T, B, H, dtype_name, unroll, kernel_options=None):
     import jax.numpy as jnp
     from flax import nnx
 
     import lstm_lab
 
     dtype = jnp.dtype(dtype_name)
-    layer = lstm_lab.RNN(H, H, cell, rngs=nnx.Rngs(0), dtype=dtype, impl=impl, unroll=unroll)
+    layer = lstm_lab.RNN(H, H, cell, rngs=nnx.Rngs(0), dtype=dtype, impl=impl, unroll=unroll,
+                         kernel_options=kernel_options if impl == "pallas" else None)
     x, g = data(T, B, H)
     return _jax_step(layer, x, g, dtype, lambda m, x: m(x)[0])
 
@@ -233,6 +238,9 @@ def machine_facts(args) -> dict:
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "repeats": args.repeats,
         "unroll": args.unroll,
+        "matmul_precision": args.matmul_precision,
+        "pallas_block_b": args.block_b,
+        "pallas_num_warps": args.num_warps,
     }
     try:
         with open("/proc/cpuinfo") as f:
@@ -313,7 +321,13 @@ def main(argv=None):
     ap.add_argument("--shapes", help="comma-separated TxBxH (default: the anchors of the backend)")
     ap.add_argument("--cells", help="comma-separated lstm_lab presets (default: all)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--impls", help="comma-separated lstm_lab impls (default: every one in IMPLS but auto)")
+    ap.add_argument("--impls", help="comma-separated lstm_lab impls (default: every one in IMPLS but auto; "
+                                    "pallas only on GPU, elsewhere it runs in interpret mode)")
+    ap.add_argument("--matmul-precision", choices=("default", "highest"), default="default",
+                    help="jax_default_matmul_precision for every lstm_lab and Flax row: on GPU 'default' lets "
+                         "float32 matmuls use TF32 (scan and the pallas kernel alike), 'highest' does not")
+    ap.add_argument("--block-b", type=int, default=16, help="pallas: batch rows per program")
+    ap.add_argument("--num-warps", type=int, help="pallas: Triton warps per program (default: by H)")
     ap.add_argument("--repeats", type=int, default=20, help="timed runs; the median is reported")
     ap.add_argument("--unroll", type=int, default=1, help="scan unroll (lstm_lab and flax)")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
@@ -350,7 +364,12 @@ def main(argv=None):
         if d not in ("float32", "bfloat16"):
             raise SystemExit(f"--dtypes: expected float32 and/or bfloat16; got {d!r}")
     all_impls = [i for i in recurrent.IMPLS if i != "auto"]
-    impls = csv(args.impls) or all_impls
+    impls = csv(args.impls) or [i for i in all_impls if backend == "gpu" or i != "pallas"]
+    if args.matmul_precision != "default":
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+    kernel_options = {"block_b": args.block_b}
+    if args.num_warps:
+        kernel_options["num_warps"] = args.num_warps
     bad = [i for i in impls if i not in all_impls]
     if bad:
         raise SystemExit(f"--impls: unknown {bad}; lstm_lab.recurrent.IMPLS = {recurrent.IMPLS}")
@@ -373,7 +392,8 @@ def main(argv=None):
     facts = machine_facts(args)
     log(f"# {facts['backend']} ({facts['device_kind']}{', ' + facts['cpu_model'] if 'cpu_model' in facts else ''}), "
         f"{facts['cpu_count']} cpus; jax {facts['jax']}, flax {facts['flax']}, torch {facts['torch']}; "
-        f"impls {impls}; repeats {args.repeats}, unroll {args.unroll}")
+        f"impls {impls}; repeats {args.repeats}, unroll {args.unroll}; matmul precision {args.matmul_precision}"
+        + (f"; pallas {kernel_options}" if "pallas" in impls else ""))
     if "loadavg_start" in facts:
         log(f"# load average at start: {' '.join(f'{v:.2f}' for v in facts['loadavg_start'])}")
         if have_torch and args.torch_threads > 1 and facts["loadavg_start"][0] > 0.5:
@@ -413,7 +433,8 @@ def main(argv=None):
             for impl in impls:
                 for cell in cells:
                     todo.append((impl, cell,
-                                 lambda cell=cell, impl=impl: lstm_lab_step(cell, impl, T, B, H, dtype, args.unroll),
+                                 lambda cell=cell, impl=impl: lstm_lab_step(cell, impl, T, B, H, dtype, args.unroll,
+                                                                               kernel_options),
                                  reference_cell(cell), False, cell == "lstm"))
             if have_flax and dtype == "float32":
                 todo.append(("flax", "lstm", lambda: flax_step(T, B, H, dtype, args.unroll), "lstm", False, True))

@@ -387,6 +387,44 @@ def _mm(h: jax.Array, w: jax.Array, acc_dtype) -> jax.Array:
     return jnp.matmul(h.astype(w.dtype), w, preferred_element_type=acc_dtype)
 
 
+def lstm_pointwise(spec: CellSpec, a: dict[str, jax.Array], c_prev: jax.Array,
+                   peep: dict[str, jax.Array]):
+    """The elementwise part of an LSTM-family step, from the gates' pre-activations.
+
+    ``a``: gate name -> ``W x + R y_prev (+ R_gates gates_prev) + b``, each ``[..., H]``;
+    ``peep``: ``p_i``/``p_f``/``p_o`` -> ``[H]`` (empty without peepholes). Returns
+    ``(c, y, acts)`` with ``acts`` the activations ``i, f, z, o`` (None for a removed gate).
+    :func:`step` and the fused kernels (:mod:`lstm_lab.kernels`) both call this.
+    """
+    i = jax.nn.sigmoid(a["i"] + peep["p_i"] * c_prev if "p_i" in peep else a["i"]) if spec.input_gate else None
+    if spec.coupled:
+        f = 1.0 - i
+    elif spec.forget_gate:
+        f = jax.nn.sigmoid(a["f"] + peep["p_f"] * c_prev if "p_f" in peep else a["f"])
+    else:
+        f = None
+    z = ACTIVATIONS[spec.input_activation](a["z"])
+    c = (z if i is None else z * i) + (c_prev if f is None else c_prev * f)
+    o = jax.nn.sigmoid(a["o"] + peep["p_o"] * c if "p_o" in peep else a["o"]) if spec.output_gate else None
+    hc = ACTIVATIONS[spec.output_activation](c)
+    y = hc if o is None else hc * o
+    return c, y, {"i": i, "f": f, "z": z, "o": o}
+
+
+def gru_gates(a_r: jax.Array, a_u: jax.Array):
+    """GRU reset and update gates from their pre-activations."""
+    return jax.nn.sigmoid(a_r), jax.nn.sigmoid(a_u)
+
+
+def gru_candidate(spec: CellSpec, x_n, q, r, u, h_prev, b_hn=None):
+    """GRU candidate and output. ``q`` is ``R_n h_prev`` (``reset_after``) or ``R_n (r * h_prev)``."""
+    if spec.reset_after:
+        n = jnp.tanh(x_n + r * (q + b_hn.astype(q.dtype)))
+    else:
+        n = jnp.tanh(x_n + q)
+    return n, (1.0 - u) * n + u * h_prev
+
+
 def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *, trace: bool = False,
          rec: jax.Array | None = None):
     """One time step of the cell ``spec``: ``(params, carry, xp_t) -> (carry, y_t[, trace])``.
@@ -416,53 +454,30 @@ def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *
         names = spec.gate_names()
         # rec: the recurrent product h_prev @ R computed by the caller (LSTM family; the custom VJP)
         a = _split(xp_t + (_mm(h_prev, params["R"], acc) if rec is None else rec), names)
-        c_prev = carry.c
         gate_rec = spec.recurrent_gate_names()
         if spec.full_gate_recurrence:
             extra = _split(_mm(carry.gates, params["R_gates"], acc), gate_rec)
             a = {k: (v + extra[k] if k in extra else v) for k, v in a.items()}
-        one = jnp.ones_like(c_prev)
-        if spec.input_gate:
-            pre = a["i"] + params["p_i"].astype(acc) * c_prev if spec.peepholes else a["i"]
-            i = jax.nn.sigmoid(pre)
-        else:
-            i = one
-        if spec.coupled:
-            f = 1.0 - i
-        elif spec.forget_gate:
-            pre = a["f"] + params["p_f"].astype(acc) * c_prev if spec.peepholes else a["f"]
-            f = jax.nn.sigmoid(pre)
-        else:
-            f = one
-        z = ACTIVATIONS[spec.input_activation](a["z"])
-        c = z * i + c_prev * f
-        if spec.output_gate:
-            pre = a["o"] + params["p_o"].astype(acc) * c if spec.peepholes else a["o"]
-            o = jax.nn.sigmoid(pre)
-        else:
-            o = one
-        y = ACTIVATIONS[spec.output_activation](c) * o
+        peep = {p: params[p].astype(acc) for p in spec.peephole_names()}
+        c, y, acts = lstm_pointwise(spec, a, carry.c, peep)
         if spec.full_gate_recurrence:
-            acts = {"i": i, "f": f, "o": o}
             new_carry = FGRState(y, c, jnp.concatenate([acts[g] for g in gate_rec], axis=-1))
         else:
             new_carry = LSTMState(y, c)
-        tr = {"i": i, "f": f, "o": o, "z": z, "c": c, "y": y} if trace else None
+        one = jnp.ones_like(c)
+        tr = ({k: (one if acts[k] is None else acts[k]) for k in ("i", "f", "o", "z")} | {"c": c, "y": y}
+              if trace else None)
     elif spec.family == "gru":
         R = params["R"]
         H = h_prev.shape[-1]
         x = _split(xp_t, ("r", "u", "n"))
         if spec.reset_after:
             hr = _split(_mm(h_prev, R, acc), ("r", "u", "n"))
-            r = jax.nn.sigmoid(x["r"] + hr["r"])
-            u = jax.nn.sigmoid(x["u"] + hr["u"])
-            n = jnp.tanh(x["n"] + r * (hr["n"] + params["b_hn"].astype(acc)))
         else:
             hr = _split(_mm(h_prev, R[:, :2 * H], acc), ("r", "u"))
-            r = jax.nn.sigmoid(x["r"] + hr["r"])
-            u = jax.nn.sigmoid(x["u"] + hr["u"])
-            n = jnp.tanh(x["n"] + _mm(r * h_prev, R[:, 2 * H:], acc))
-        y = (1.0 - u) * n + u * h_prev
+        r, u = gru_gates(x["r"] + hr["r"], x["u"] + hr["u"])
+        q = hr["n"] if spec.reset_after else _mm(r * h_prev, R[:, 2 * H:], acc)
+        n, y = gru_candidate(spec, x["n"], q, r, u, h_prev, params.get("b_hn"))
         new_carry = HiddenState(y)
         tr = {"r": r, "u": u, "n": n, "h": y} if trace else None
     elif spec.family == "mgu":

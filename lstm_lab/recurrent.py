@@ -33,10 +33,10 @@ from flax import nnx
 from lstm_lab import cells as _cells
 from lstm_lab.cells import CellSpec, resolve_cell
 
-__all__ = ["RNN", "RecurrentCell", "gate_trace", "scan_cell", "scan_cell_vjp"]
+__all__ = ["RNN", "RecurrentCell", "gate_trace", "scan_cell", "scan_cell_vjp", "scan_cell_pallas"]
 
 _List = getattr(nnx, "List", list)
-IMPLS = ("auto", "scan", "scan_vjp")
+IMPLS = ("auto", "scan", "scan_vjp", "pallas")
 
 
 def _acc_dtype(compute_dtype) -> jnp.dtype:
@@ -211,6 +211,29 @@ def scan_cell_vjp(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, c
     return ys, cf, None
 
 
+def scan_cell_pallas(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry0, *,
+                     lengths: jax.Array | None = None, reverse: bool = False, **kernel_options):
+    """:func:`scan_cell` (without traces) as one fused Pallas kernel launch per direction.
+
+    LSTM family and GRU, hidden size up to :data:`lstm_lab.kernels.pallas_rnn.H_MAX`, float32
+    or bfloat16 weights. On GPU the kernel runs through Triton; elsewhere in Pallas interpret
+    mode (correct, slow: for tests). ``kernel_options`` go to
+    :func:`lstm_lab.kernels.pallas_rnn.fused_recurrence` (``block_b``, ``num_warps``,
+    ``interpret``, ``precision``).
+    """
+    from lstm_lab.kernels import pallas_rnn  # Pallas is imported only when the kernel runs
+
+    if reverse:
+        xp = _flip(xp, lengths)
+    T = xp.shape[0]
+    mask = (jnp.arange(T)[:, None] < lengths[None, :]) if lengths is not None else \
+        jnp.ones((T, xp.shape[1]), bool)
+    ys, cf = pallas_rnn.fused_recurrence(spec, params, xp, carry0, mask, **kernel_options)
+    if reverse:
+        ys = _flip(ys, lengths)
+    return ys, cf, None
+
+
 def _masked_step(spec, params, carry, xp_t, m_t, rec=None):
     new, y = _cells.step(spec, params, carry, xp_t, rec=rec)
     m = m_t[:, None]
@@ -339,10 +362,16 @@ class RNN(nnx.Module):
         or None.
       unroll: scan unroll factor.
       impl: ``"auto"`` (see :func:`resolve_impl`), ``"scan"`` (``lax.scan`` of the
-        step, autodiff backward) or ``"scan_vjp"`` (LSTM family: the same forward
-        with a custom backward that keeps the weight gradients out of the loop).
+        step, autodiff backward), ``"scan_vjp"`` (LSTM family: the same forward
+        with a custom backward that keeps the weight gradients out of the loop) or
+        ``"pallas"`` (LSTM family and GRU: the whole loop in one Pallas kernel launch,
+        forward and backward; Triton on GPU, interpret mode elsewhere; see
+        :func:`scan_cell_pallas`).
       remat: with ``scan_vjp``, save only the step inputs and recompute the
         recurrent product in the backward (less memory for long sequences).
+      kernel_options: with ``pallas``: ``block_b`` (batch rows per program, a power
+        of two >= 16), ``num_warps``, ``interpret``, ``precision`` (see
+        :func:`lstm_lab.kernels.pallas_rnn.fused_recurrence`).
       rngs: :class:`flax.nnx.Rngs` with a ``params`` stream (and ``dropout``
         when ``dropout > 0``).
 
@@ -382,7 +411,8 @@ class RNN(nnx.Module):
                  num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
                  time_major: bool = False, dtype=None, param_dtype=jnp.float32,
                  forget_bias: float = 1.0, chrono_init: float | None = None, unroll: int = 1,
-                 impl: str = "auto", remat: bool = False, rngs: nnx.Rngs):
+                 impl: str = "auto", remat: bool = False, kernel_options: dict | None = None,
+                 rngs: nnx.Rngs):
         spec = resolve_cell(cell)
         for name, value in (("in_features", in_features), ("hidden_size", hidden_size),
                             ("num_layers", num_layers), ("unroll", unroll)):
@@ -401,6 +431,11 @@ class RNN(nnx.Module):
         if impl == "scan_vjp" and spec.family != "lstm":
             raise ValueError(f"RNN: impl='scan_vjp' supports the LSTM family; {spec.name!r} is a {spec.family} "
                              f"(use impl='scan' or 'auto').")
+        if impl == "pallas":
+            from lstm_lab.kernels.pallas_rnn import pallas_unsupported
+            why = pallas_unsupported(spec, int(hidden_size), dtype=dtype, param_dtype=param_dtype)
+            if why:
+                raise ValueError(f"RNN: {why} (use impl='scan' or 'auto').")
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"RNN: rngs must be an nnx.Rngs, e.g. nnx.Rngs(0); got {rngs!r}.")
         self.spec = spec
@@ -416,6 +451,10 @@ class RNN(nnx.Module):
         self.unroll = int(unroll)
         self.impl = impl
         self.remat = bool(remat)
+        self.kernel_options = dict(kernel_options or {})
+        bad = sorted(set(self.kernel_options) - {"block_b", "num_warps", "interpret", "precision"})
+        if bad:
+            raise ValueError(f"RNN: unknown kernel_options {bad}; expected block_b, num_warps, interpret, precision.")
         layers = []
         for layer in range(self.num_layers):
             d_in = self.in_features if layer == 0 else self.num_directions * self.hidden_size
@@ -524,9 +563,13 @@ class RNN(nnx.Module):
                     c0 = jax.tree.map(lambda a: jnp.asarray(a).reshape(B, a.shape[-1]).astype(acc),
                                       initial_carry[li][d])
                 want_trace = trace_at == (li, d)
-                if resolve_impl(self.impl, self.spec) == "scan_vjp" and not want_trace:
+                impl = resolve_impl(self.impl, self.spec)
+                if impl == "scan_vjp" and not want_trace:
                     ys, cf, tr = scan_cell_vjp(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
                                                unroll=self.unroll, remat=self.remat)
+                elif impl == "pallas" and not want_trace:
+                    ys, cf, tr = scan_cell_pallas(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
+                                                  **self.kernel_options)
                 else:
                     ys, cf, tr = scan_cell(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
                                            unroll=self.unroll, trace=want_trace)

@@ -6,8 +6,19 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import pathlib
+import tempfile
+
+# One persistent XLA compilation cache for the whole session, shared by the xdist workers (they
+# inherit the controller's environment) and every training/sweep subprocess the tests start: the
+# same programs are compiled again and again there (a resumed run, each trial of a sweep, each
+# notebook). A fresh directory per session, removed at the end: nothing carries over between runs.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lstm_lab_test_xla_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import jax
 
@@ -21,6 +32,11 @@ import lstm_lab  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the controller made it; workers share it
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture

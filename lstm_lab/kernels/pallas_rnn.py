@@ -1,0 +1,512 @@
+"""One layer direction's whole time loop in one Pallas kernel launch, forward and backward.
+
+The kernel is the plain recurrence with nothing left outside the loop but what can be one
+big matmul::
+
+    forward  (one launch; a program per batch tile of ``block_b`` rows)
+        R, R_gates, peepholes loaded once, kept by the program for all T steps
+        for t in 0..T-1:
+            a_k = xp[t, k] + h @ R_k  (+ sum_s gates_s @ R_gates[s, k])      per gate k
+            h, c, gates = where(mask[t], cell math(a, c, peepholes), previous)
+            write the carry of step t (and, for the backward, the a_k)
+    backward (one launch, the same programs)
+        for t in T-1..0:
+            da, dcarry_prev = vjp of the step's elementwise math      (recomputed from a)
+            dh_prev += sum_k da_k @ R_k^T                              (the only matmuls)
+            write da (= dxp[t])
+    after the loop: dR = h_prev^T @ da over all (t, b) at once, dR_gates likewise.
+
+The elementwise math is :func:`lstm_lab.cells.lstm_pointwise` / :func:`~lstm_lab.cells.gru_gates`
+/ :func:`~lstm_lab.cells.gru_candidate`, the same functions :func:`lstm_lab.cells.step` runs,
+and its backward is their ``jax.vjp`` traced into the kernel, so every flag combination is
+covered by construction.
+
+Layouts: gates are split into a gate axis (``xp`` ``[T, B, G, H]``, ``R`` ``[G, H, H]``) so
+each tile the kernel touches is ``[rows, H]``; ``H`` is padded to a power of two (at least
+16, Triton's smallest dot) and the batch to a multiple of ``block_b`` (at least 16). Padded
+hidden units have zero weights and stay zero-valued in ``h`` and ``c``; padded rows are masked
+out. Everything is sliced back before the caller sees it, and autodiff handles the padding.
+
+On GPU the kernel lowers to Triton (``jax.experimental.pallas``'s Triton backend); on any
+other backend it runs in Pallas interpret mode, which is how the test suite checks it
+against the scan. One program keeps the whole ``[G, H, H]`` recurrent matrix, so hidden
+sizes above :data:`H_MAX` are not taken (``pallas_unsupported`` says so and ``impl="auto"``
+would keep the scan); splitting ``H`` across programs needs a grid-wide barrier per step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from lstm_lab import cells as _cells
+from lstm_lab.cells import CellSpec
+
+__all__ = ["fused_recurrence", "pallas_unsupported", "H_MAX"]
+
+# The largest (padded) hidden size one program takes: the [G, H, H] recurrent weights stay
+# with the program for all T steps. To be set from GPU measurements (benchmarks/NOTES.md).
+H_MAX = 256
+FAMILIES = ("lstm", "gru")
+_DOT_T = (((1,), (1,)), ((), ()))  # a @ b^T
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (int(n) - 1).bit_length())
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def pallas_unsupported(spec: CellSpec, hidden_size: int, dtype=None, param_dtype=None) -> str | None:
+    """Why ``impl="pallas"`` cannot run ``spec`` at ``hidden_size``, or None when it can."""
+    if spec.family not in FAMILIES:
+        return f"impl='pallas' supports the LSTM family and the GRU; {spec.name!r} is a {spec.family}"
+    if _pow2(hidden_size) > H_MAX:
+        return (f"impl='pallas' keeps the whole recurrent matrix in one program, up to hidden size "
+                f"{H_MAX}; got {hidden_size}")
+    for name, dt in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if dt is not None and jnp.dtype(dt).name not in _DTYPES:
+            return f"impl='pallas' computes in float32, bfloat16 or float16; got {name}={jnp.dtype(dt).name}"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Static description of one kernel instance
+# ---------------------------------------------------------------------------
+class _Static(tuple):
+    """Hashable (spec, T, bB, Hp, interpret, num_warps, precision) for custom_vjp's nondiff arg."""
+
+    spec = property(lambda s: s[0])
+    T = property(lambda s: s[1])
+    bB = property(lambda s: s[2])
+    Hp = property(lambda s: s[3])
+    interpret = property(lambda s: s[4])
+    num_warps = property(lambda s: s[5])
+    precision = property(lambda s: s[6])
+
+
+def _fields(spec: CellSpec) -> tuple[str, ...]:
+    """Carry fields the kernel carries: h; c (LSTM); gates (FGR, as [rows, k, H])."""
+    if spec.family != "lstm":
+        return ("h",)
+    return ("h", "c", "gates") if spec.full_gate_recurrence else ("h", "c")
+
+
+def _param_names(spec: CellSpec) -> tuple[str, ...]:
+    names = ["R"]
+    if spec.full_gate_recurrence:
+        names.append("R_gates")
+    if spec.peepholes:
+        names.append("peep")
+    if spec.reset_after:
+        names.append("b_hn")
+    return tuple(names)
+
+
+def _load_params(spec: CellSpec, refs) -> dict:
+    """The parameters, loaded once per program as per-gate tiles (Triton cannot slice values)."""
+    prm = dict(zip(_param_names(spec), refs))
+    out = {"R": tuple(prm["R"][j] for j in range(prm["R"].shape[0]))}
+    if "R_gates" in prm:
+        k = prm["R_gates"].shape[0]
+        out["R_gates"] = tuple(tuple(prm["R_gates"][s, d] for d in range(k)) for s in range(k))
+    if "peep" in prm:
+        out["peep"] = tuple(prm["peep"][j] for j in range(prm["peep"].shape[0]))
+    if "b_hn" in prm:
+        out["b_hn"] = prm["b_hn"][...]
+    return out
+
+
+def _dot(a, b, precision, dims=None):
+    dims = dims or (((1,), (0,)), ((), ()))
+    return jax.lax.dot_general(a.astype(b.dtype), b, dims, precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def _full_spec(shape):
+    nd = len(shape)
+    return pl.BlockSpec(tuple(shape), lambda b: (0,) * nd)
+
+
+def _tile_spec(shape, bB, batch_axis):
+    """A block of ``bB`` batch rows (axis ``batch_axis``), everything else whole."""
+    block = tuple(bB if i == batch_axis else s for i, s in enumerate(shape))
+    return pl.BlockSpec(block, lambda b: tuple(b if i == batch_axis else 0 for i in range(len(shape))))
+
+
+def _part_spec(shape):
+    """Per-program partial sums ``[programs, ...]``: program b writes row b."""
+    return pl.BlockSpec((None, *shape[1:]), lambda b: (b,) + (0,) * (len(shape) - 1))
+
+
+def _call(kernel, st: _Static, ins, in_specs, out_shapes, out_specs, Bp):
+    kw = {}
+    if not st.interpret:
+        from jax.experimental.pallas import triton as plgpu
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=st.num_warps, num_stages=1)
+    return pl.pallas_call(kernel, grid=(Bp // st.bB,), in_specs=in_specs, out_specs=out_specs,
+                          out_shape=out_shapes, interpret=st.interpret, **kw)(*ins)
+
+
+# ---------------------------------------------------------------------------
+# The step math on tiles (shared by forward and backward)
+# ---------------------------------------------------------------------------
+def _recurrent(st: _Static, prm, h, gates):
+    """Per gate k: the recurrent part of the pre-activation (LSTM: h @ R_k + FGR; GRU: r, u only)."""
+    spec = st.spec
+    names = spec.gate_names()
+    R = prm["R"]
+    if spec.family == "gru":
+        return {k: _dot(h, R[j], st.precision) for j, k in enumerate(("r", "u"))}
+    rec = {k: _dot(h, R[j], st.precision) for j, k in enumerate(names)}
+    if spec.full_gate_recurrence:
+        Rg = prm["R_gates"]
+        src = spec.recurrent_gate_names()
+        for kd, dst in enumerate(src):
+            for ks in range(len(src)):
+                rec[dst] = rec[dst] + _dot(gates[ks], Rg[ks][kd], st.precision)
+    return rec
+
+
+def _lstm_math(st: _Static, prm, a, carry, m):
+    """Masked LSTM-family step from pre-activations: new carry tuple."""
+    spec = st.spec
+    peep = {}
+    if spec.peepholes:
+        peep = {p: prm["peep"][j] for j, p in enumerate(spec.peephole_names())}
+    c, y, acts = _cells.lstm_pointwise(spec, a, carry[1], peep)
+    new = [y, c]
+    if spec.full_gate_recurrence:
+        new.append(tuple(acts[g] for g in spec.recurrent_gate_names()))
+    return tuple(jax.tree.map(lambda n, o: jnp.where(m, n, o), tuple(new), tuple(carry)))
+
+
+def _gru_out(st: _Static, prm, a_r, a_u, x_n, q, h, m):
+    r, u = _cells.gru_gates(a_r, a_u)
+    _, y = _cells.gru_candidate(st.spec, x_n, q, r, u, h, prm.get("b_hn"))
+    return (jnp.where(m, y, h),)
+
+
+# ---------------------------------------------------------------------------
+# Forward kernel
+# ---------------------------------------------------------------------------
+def _fwd_kernel(st: _Static, save: bool, *refs):
+    spec = st.spec
+    fields = _fields(spec)
+    pnames = _param_names(spec)
+    n_in = 2 + len(pnames) + len(fields)
+    xp_ref, mask_ref = refs[0], refs[1]
+    prm = _load_params(spec, refs[2:2 + len(pnames)])
+    c0 = refs[2 + len(pnames):n_in]
+    outs = refs[n_in:]
+    seq = dict(zip(fields, outs[:len(fields)]))
+    pre_ref = outs[len(fields)] if save else None
+    G = len(spec.gate_names())
+    k_rec = len(spec.recurrent_gate_names())
+
+    def load0(name, ref):
+        if name == "gates":
+            return tuple(ref[:, s, :] for s in range(k_rec))
+        return ref[...]
+
+    init = tuple(load0(f, r) for f, r in zip(fields, c0))
+
+    def body(t, carry):
+        m = mask_ref[t][:, None] > 0
+        h = carry[0]
+        rec = _recurrent(st, prm, h, carry[2] if spec.full_gate_recurrence else None)
+        if spec.family == "lstm":
+            a = {k: xp_ref[t, :, j, :] + rec[k] for j, k in enumerate(spec.gate_names())}
+            new = _lstm_math(st, prm, a, carry, m)
+            pres = [a[k] for k in spec.gate_names()]
+        else:
+            a_r = xp_ref[t, :, 0, :] + rec["r"]
+            a_u = xp_ref[t, :, 1, :] + rec["u"]
+            r, _ = _cells.gru_gates(a_r, a_u)
+            q = _dot(h if spec.reset_after else r * h, prm["R"][2], st.precision)
+            new = _gru_out(st, prm, a_r, a_u, xp_ref[t, :, 2, :], q, h, m)
+            pres = [a_r, a_u, q]
+        for f, v in zip(fields, new):
+            if f == "gates":
+                for s in range(k_rec):
+                    seq[f][t, :, s, :] = v[s]
+            else:
+                seq[f][t] = v
+        if save:
+            for j in range(G):
+                pre_ref[t, :, j, :] = pres[j]
+        return new
+
+    jax.lax.fori_loop(0, st.T, body, init)
+
+
+def _forward(st: _Static, save: bool, prm: tuple, xp4, carry0: tuple, mask):
+    spec = st.spec
+    T, Bp, G, Hp = xp4.shape
+    fields = _fields(spec)
+    ins = [xp4, mask, *prm, *carry0]
+    in_specs = ([_tile_spec(xp4.shape, st.bB, 1), _tile_spec(mask.shape, st.bB, 1)]
+                + [_full_spec(p.shape) for p in prm] + [_tile_spec(c.shape, st.bB, 0) for c in carry0])
+    out_shapes = [jax.ShapeDtypeStruct((T, *c.shape), jnp.float32) for c in carry0]
+    if save:
+        out_shapes.append(jax.ShapeDtypeStruct((T, Bp, G, Hp), jnp.float32))
+    out_specs = [_tile_spec(s.shape, st.bB, 1) for s in out_shapes]
+    outs = _call(functools.partial(_fwd_kernel, st, save), st, ins, in_specs, out_shapes, out_specs, Bp)
+    return tuple(outs[:len(fields)]), (outs[len(fields)] if save else None)
+
+
+# ---------------------------------------------------------------------------
+# Backward kernel
+# ---------------------------------------------------------------------------
+def _bwd_kernel(st: _Static, *refs):
+    spec = st.spec
+    fields = _fields(spec)
+    nf = len(fields)
+    pnames = _param_names(spec)
+    names = spec.gate_names()
+    G = len(names)
+    k_rec = len(spec.recurrent_gate_names())
+    it = iter(refs)
+    pre_ref = next(it)
+    xn_ref = next(it) if spec.family == "gru" else None  # the GRU's x_n is not in pre (a_r, a_u, q)
+    mask_ref = next(it)
+    prm = _load_params(spec, [next(it) for _ in pnames])
+    c0 = [next(it) for _ in fields]
+    seq = [next(it) for _ in fields]
+    dseq = [next(it) for _ in fields]
+    dxp_ref = next(it)
+    dq_ref = next(it) if spec.family == "gru" else None
+    dc0 = [next(it) for _ in fields]
+    dpeep_ref = next(it) if spec.peepholes else None
+    dbhn_ref = next(it) if spec.reset_after else None
+    R = prm["R"]
+
+    def load(f, ref, idx):
+        if f == "gates":
+            return tuple(ref[idx + (slice(None), s, slice(None))] for s in range(k_rec))
+        return ref[idx]
+
+    def prev_carry(t):
+        tp = jnp.maximum(t - 1, 0)
+        return tuple(jax.tree.map(lambda s, z: jnp.where(t > 0, s, z), load(f, sr, (tp,)), load(f, zr, ()))
+                     for f, sr, zr in zip(fields, seq, c0))
+
+    ew = {k: prm[k] for k in ("peep", "b_hn") if k in prm}
+
+    def body(i, state):
+        t = st.T - 1 - i
+        dnext, dew = state
+        m = mask_ref[t][:, None] > 0
+        dcarry = tuple(jax.tree.map(jnp.add, d, load(f, dr, (t,))) for f, d, dr in zip(fields, dnext, dseq))
+        prev = prev_carry(t)
+        if spec.family == "lstm":
+            a = {k: pre_ref[t, :, j, :] for j, k in enumerate(names)}
+            _, vjp = jax.vjp(lambda a_, c_, e_: _lstm_math(st, {**prm, **e_}, a_, c_, m), a, prev, ew)
+            da, dprev, de = vjp(dcarry)
+            dxs = [da[k] for k in names]
+            dh = dprev[0]
+            for j in range(G):
+                dh = dh + _dot(dxs[j], R[j], st.precision, _DOT_T)
+            dprev = list(dprev)
+            if spec.full_gate_recurrence:
+                Rg = prm["R_gates"]
+                dg = list(dprev[2])
+                for ks in range(k_rec):
+                    for kd, dst in enumerate(spec.recurrent_gate_names()):
+                        dg[ks] = dg[ks] + _dot(da[dst], Rg[ks][kd], st.precision, _DOT_T)
+                dprev[2] = tuple(dg)
+            dprev[0] = dh
+        else:
+            h = prev[0]
+            a_r, a_u, q = (pre_ref[t, :, j, :] for j in range(3))
+            x_n = xn_ref[t]
+            _, vjp = jax.vjp(lambda ar, au, xn, q_, h_, e_: _gru_out(st, {**prm, **e_}, ar, au, xn, q_, h_, m),
+                             a_r, a_u, x_n, q, h, ew)
+            da_r, da_u, dx_n, dq, dh, de = vjp(dcarry)
+            if spec.reset_after:
+                dh = dh + _dot(dq, R[2], st.precision, _DOT_T)
+            else:  # q = (r * h) @ R_n: through s = r * h back to a_r and h
+                ds = _dot(dq, R[2], st.precision, _DOT_T)
+                _, vjp_s = jax.vjp(lambda ar, h_: _cells.gru_gates(ar, ar)[0] * h_, a_r, h)
+                dar_s, dh_s = vjp_s(ds)
+                da_r, dh = da_r + dar_s, dh + dh_s
+            dh = dh + _dot(da_r, R[0], st.precision, _DOT_T) + _dot(da_u, R[1], st.precision, _DOT_T)
+            dxs = [da_r, da_u, dx_n]
+            dq_ref[t] = dq
+            dprev = [dh]
+        for j in range(G):
+            dxp_ref[t, :, j, :] = dxs[j]
+        return tuple(dprev), jax.tree.map(jnp.add, dew, de)
+
+    d0 = tuple(jax.tree.map(jnp.zeros_like, load(f, zr, ())) for f, zr in zip(fields, c0))
+    dcarry0, dew = jax.lax.fori_loop(0, st.T, body, (d0, jax.tree.map(jnp.zeros_like, ew)))
+    for f, ref, v in zip(fields, dc0, dcarry0):
+        if f == "gates":
+            for s in range(k_rec):
+                ref[:, s, :] = v[s]
+        else:
+            ref[...] = v
+    if dpeep_ref is not None:
+        for j in range(len(spec.peephole_names())):
+            dpeep_ref[j, :] = dew["peep"][j]
+    if dbhn_ref is not None:
+        dbhn_ref[...] = dew["b_hn"]
+
+
+def _backward(st: _Static, prm: tuple, res, dseq: tuple):
+    spec = st.spec
+    pre, mask, carry0, seq, xn = res
+    T, Bp, G, Hp = pre.shape
+    nprog = Bp // st.bB
+    xs = [pre] if xn is None else [pre, xn]
+    ins = [*xs, mask, *prm, *carry0, *seq, *dseq]
+    in_specs = ([_tile_spec(x.shape, st.bB, 1) for x in xs] + [_tile_spec(mask.shape, st.bB, 1)]
+                + [_full_spec(p.shape) for p in prm] + [_tile_spec(c.shape, st.bB, 0) for c in carry0]
+                + [_tile_spec(s.shape, st.bB, 1) for s in (*seq, *dseq)])
+    out_shapes = [jax.ShapeDtypeStruct((T, Bp, G, Hp), jnp.float32)]
+    if spec.family == "gru":
+        out_shapes.append(jax.ShapeDtypeStruct((T, Bp, Hp), jnp.float32))
+    out_specs = [_tile_spec(s.shape, st.bB, 1) for s in out_shapes]
+    out_shapes += [jax.ShapeDtypeStruct(c.shape, jnp.float32) for c in carry0]
+    out_specs += [_tile_spec(c.shape, st.bB, 0) for c in carry0]
+    if spec.peepholes:
+        out_shapes.append(jax.ShapeDtypeStruct((nprog, len(spec.peephole_names()), Hp), jnp.float32))
+        out_specs.append(_part_spec(out_shapes[-1].shape))
+    if spec.reset_after:
+        out_shapes.append(jax.ShapeDtypeStruct((nprog, Hp), jnp.float32))
+        out_specs.append(_part_spec(out_shapes[-1].shape))
+    return _call(functools.partial(_bwd_kernel, st), st, ins, in_specs, out_shapes, out_specs, Bp)
+
+
+# ---------------------------------------------------------------------------
+# custom VJP over the padded layout
+# ---------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(st, prm, xp4, carry0, mask):
+    return _forward(st, False, prm, xp4, carry0, mask)[0]
+
+
+def _core_fwd(st, prm, xp4, carry0, mask):
+    seq, pre = _forward(st, True, prm, xp4, carry0, mask)
+    xn = xp4[:, :, 2, :] if st.spec.family == "gru" else None
+    return seq, (prm, pre, mask, carry0, seq, xn)
+
+
+def _core_bwd(st, res, dseq):
+    spec = st.spec
+    prm, pre, mask, carry0, seq, xn = res
+    outs = list(_backward(st, prm, (pre, mask, carry0, seq, xn), tuple(dseq)))
+    dxp = outs.pop(0)
+    dq = outs.pop(0) if spec.family == "gru" else None
+    nf = len(_fields(spec))
+    dcarry0 = tuple(o.astype(c.dtype) for o, c in zip(outs[:nf], carry0))
+    outs = outs[nf:]
+    T, Bp, G, Hp = pre.shape
+    # h_prev for every step: the initial carry, then the carries of steps 0..T-2
+    hprev = jnp.concatenate([carry0[0][None].astype(jnp.float32), seq[0][:-1]], 0).reshape(T * Bp, Hp)
+    R = prm[0]
+    d_rec = dxp.reshape(T * Bp, G, Hp)
+    if spec.family == "gru":
+        d_rec = d_rec.at[:, 2, :].set(dq.reshape(T * Bp, Hp))
+    lhs = {j: hprev for j in range(G)}
+    if spec.family == "gru" and not spec.reset_after:
+        r = jax.nn.sigmoid(pre[:, :, 0, :].reshape(T * Bp, Hp))
+        lhs[2] = r * hprev
+    dR = jnp.stack([jnp.matmul(lhs[j].astype(R.dtype).T, d_rec[:, j, :].astype(R.dtype),
+                               preferred_element_type=jnp.float32) for j in range(G)]).astype(R.dtype)
+    dprm = [dR]
+    if spec.full_gate_recurrence:
+        Rg = prm[1]
+        k = Rg.shape[0]
+        gprev = jnp.concatenate([carry0[2][None].astype(jnp.float32), seq[2][:-1]], 0).reshape(T * Bp, k, Hp)
+        rec_idx = [spec.gate_names().index(g) for g in spec.recurrent_gate_names()]
+        dprm.append(jnp.einsum("nsh,ndj->sdhj", gprev.astype(Rg.dtype), d_rec[:, rec_idx, :].astype(Rg.dtype),
+                               preferred_element_type=jnp.float32).astype(Rg.dtype))
+    if spec.peepholes:
+        dprm.append(outs.pop(0).sum(0).astype(prm[len(dprm)].dtype))
+    if spec.reset_after:
+        dprm.append(outs.pop(0).sum(0).astype(prm[len(dprm)].dtype))
+    return tuple(dprm), dxp.astype(pre.dtype), dcarry0, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------
+def fused_recurrence(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry0, mask: jax.Array, *,
+                     block_b: int = 16, num_warps: int | None = None, interpret: bool | None = None,
+                     precision=None):
+    """Run one layer direction forward in time in one kernel launch (differentiable).
+
+    Args:
+      spec: an LSTM-family or GRU spec.
+      params: the cell's parameters (``W`` unused: its product is in ``xp``).
+      xp: ``[T, B, G*H]`` projected inputs ``x @ W + b`` (float32).
+      carry0: the initial carry (fields ``[B, size]``).
+      mask: ``[T, B]`` bool, step ``t`` of row ``b`` is valid (past it the carry is frozen).
+      block_b: batch rows per program (a power of two, at least 16).
+      num_warps: Triton warps per program (default 4, 8 from hidden size 256).
+      interpret: run in Pallas interpret mode (default: unless the backend is GPU).
+      precision: of the kernel's matmuls (``jax.lax.Precision``; None: the backend's default,
+        which on GPU lets float32 use TF32).
+
+    Returns:
+      ``(ys [T, B, H], final_carry)``; ``ys`` is zero where ``mask`` is False.
+    """
+    why = pallas_unsupported(spec, xp.shape[-1] // len(spec.gate_names()), dtype=params["R"].dtype)
+    if why:
+        raise ValueError(why + ".")
+    if block_b < 16 or block_b & (block_b - 1):
+        raise ValueError(f"fused_recurrence: block_b must be a power of two >= 16; got {block_b!r}.")
+    T, B, GH = xp.shape
+    names = spec.gate_names()
+    G = len(names)
+    H = GH // G
+    Hp = _pow2(H)
+    bB = block_b if B > 16 else 16
+    Bp = -(-B // bB) * bB
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if num_warps is None:
+        num_warps = 8 if Hp >= 256 else 4
+    st = _Static((spec, T, bB, Hp, bool(interpret), int(num_warps), precision))
+    acc = jnp.float32
+    dH, dB = Hp - H, Bp - B
+
+    xp4 = jnp.pad(xp.astype(acc).reshape(T, B, G, H), ((0, 0), (0, dB), (0, 0), (0, dH)))
+    m = jnp.pad(mask.astype(jnp.int32), ((0, 0), (0, dB)))
+    R = params["R"]
+    prm = [jnp.pad(R.reshape(H, G, H).transpose(1, 0, 2), ((0, 0), (0, dH), (0, dH)))]
+    k = len(spec.recurrent_gate_names())
+    if spec.full_gate_recurrence:
+        Rg = params["R_gates"].reshape(k, H, k, H).transpose(0, 2, 1, 3)
+        prm.append(jnp.pad(Rg, ((0, 0), (0, 0), (0, dH), (0, dH))))
+    if spec.peepholes:
+        prm.append(jnp.pad(jnp.stack([params[p] for p in spec.peephole_names()]).astype(acc), ((0, 0), (0, dH))))
+    if spec.reset_after:
+        prm.append(jnp.pad(params["b_hn"].astype(acc), ((0, dH),)))
+    c0 = [jnp.pad(carry0.h.astype(acc), ((0, dB), (0, dH)))]
+    if spec.family == "lstm":
+        c0.append(jnp.pad(carry0.c.astype(acc), ((0, dB), (0, dH))))
+    if spec.full_gate_recurrence:
+        c0.append(jnp.pad(carry0.gates.astype(acc).reshape(B, k, H), ((0, dB), (0, 0), (0, dH))))
+    seq = _core(st, tuple(prm), xp4, tuple(c0), m)
+
+    out_dtype = carry0.h.dtype
+    ys = jnp.where(mask[:, :, None], seq[0][:, :B, :H], 0).astype(out_dtype)
+    last = [s[-1, :B] for s in seq]
+    fields = {"h": last[0][:, :H]}
+    if spec.family == "lstm":
+        fields["c"] = last[1][:, :H]
+    if spec.full_gate_recurrence:
+        fields["gates"] = last[2][:, :, :H].reshape(B, k * H)
+    cf = type(carry0)(**{f: v.astype(getattr(carry0, f).dtype) for f, v in fields.items()})
+    return ys, cf
