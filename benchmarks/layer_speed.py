@@ -6,7 +6,8 @@
     python benchmarks/layer_speed.py [--cells lstm,gru,...] [--dtypes float32,bfloat16]
                                      [--shapes 100x32x128,1000x1x64] [--impls scan,...]
                                      [--repeats 20] [--unroll 1] [--skip torch,flax,cudnn]
-                                     [--matmul-precision default|highest] [--block-b 16 --num-warps N]
+                                     [--matmul-precision default|highest]
+                                     [--block-b 16 --block-h N --block-k 64 --num-warps N]
                                      [--out results.json] [--markdown]
 
     # on a GPU, the fused kernel against cuDNN (float32 matmuls in TF32 unless --matmul-precision highest)
@@ -241,6 +242,8 @@ def machine_facts(args) -> dict:
         "matmul_precision": args.matmul_precision,
         "pallas_block_b": args.block_b,
         "pallas_num_warps": args.num_warps,
+        "pallas_block_h": args.block_h,
+        "pallas_block_k": args.block_k,
     }
     try:
         with open("/proc/cpuinfo") as f:
@@ -327,6 +330,9 @@ def main(argv=None):
                     help="jax_default_matmul_precision for every lstm_lab and Flax row: on GPU 'default' lets "
                          "float32 matmuls use TF32 (scan and the pallas kernel alike), 'highest' does not")
     ap.add_argument("--block-b", type=int, default=16, help="pallas: batch rows per program")
+    ap.add_argument("--block-h", type=int, help="pallas: hidden columns per program (split H across programs; "
+                                                "LSTM family)")
+    ap.add_argument("--block-k", type=int, default=64, help="pallas with --block-h: contraction chunk")
     ap.add_argument("--num-warps", type=int, help="pallas: Triton warps per program (default: by H)")
     ap.add_argument("--repeats", type=int, default=20, help="timed runs; the median is reported")
     ap.add_argument("--unroll", type=int, default=1, help="scan unroll (lstm_lab and flax)")
@@ -368,6 +374,8 @@ def main(argv=None):
     if args.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     kernel_options = {"block_b": args.block_b}
+    if args.block_h:
+        kernel_options.update(block_h=args.block_h, block_k=args.block_k)
     if args.num_warps:
         kernel_options["num_warps"] = args.num_warps
     bad = [i for i in impls if i not in all_impls]

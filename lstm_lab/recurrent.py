@@ -109,15 +109,22 @@ def init_params(spec: CellSpec, in_features: int, hidden_size: int, key: jax.Arr
 # What impl="auto" runs, per backend and cell family, from benchmarks/layer_speed.py
 # (benchmarks/NOTES.md, "impl=auto"): on the CPU scan_vjp is as fast or faster than scan for the
 # LSTM family at every anchor shape (-27% at T/B/H 100/32/128, -14% at 1000/1/64, -1 to -4% at
-# H = 256/512; FGR equal). GPU/TPU: not measured yet, so the plain scan.
+# H = 256/512; FGR equal). GPU/TPU: not measured yet, so the plain scan. An entry naming "pallas"
+# falls back to the scan where the kernel cannot run (hidden size, dtype).
 AUTO_IMPL = {("cpu", "lstm"): "scan_vjp"}
 
 
-def resolve_impl(impl: str, spec: CellSpec, backend: str | None = None) -> str:
+def resolve_impl(impl: str, spec: CellSpec, backend: str | None = None, *, hidden_size: int | None = None,
+                 dtype=None) -> str:
     """The implementation ``impl`` runs for ``spec`` on ``backend`` (default: JAX's default backend)."""
     if impl != "auto":
         return impl
-    return AUTO_IMPL.get((backend or jax.default_backend(), spec.family), "scan")
+    chosen = AUTO_IMPL.get((backend or jax.default_backend(), spec.family), "scan")
+    if chosen == "pallas":
+        from lstm_lab.kernels.pallas_rnn import pallas_unsupported
+        if pallas_unsupported(spec, hidden_size or 1, dtype=dtype):
+            return "scan"
+    return chosen
 
 
 def _flip(a: jax.Array, lengths: jax.Array | None) -> jax.Array:
@@ -370,7 +377,8 @@ class RNN(nnx.Module):
       remat: with ``scan_vjp``, save only the step inputs and recompute the
         recurrent product in the backward (less memory for long sequences).
       kernel_options: with ``pallas``: ``block_b`` (batch rows per program, a power
-        of two >= 16), ``num_warps``, ``interpret``, ``precision`` (see
+        of two >= 16), ``block_h`` (split the hidden size across programs, for large
+        H), ``block_k``, ``num_warps``, ``interpret``, ``precision`` (see
         :func:`lstm_lab.kernels.pallas_rnn.fused_recurrence`).
       rngs: :class:`flax.nnx.Rngs` with a ``params`` stream (and ``dropout``
         when ``dropout > 0``).
@@ -433,7 +441,8 @@ class RNN(nnx.Module):
                              f"(use impl='scan' or 'auto').")
         if impl == "pallas":
             from lstm_lab.kernels.pallas_rnn import pallas_unsupported
-            why = pallas_unsupported(spec, int(hidden_size), dtype=dtype, param_dtype=param_dtype)
+            why = pallas_unsupported(spec, int(hidden_size), dtype=dtype, param_dtype=param_dtype,
+                                     block_h=(kernel_options or {}).get("block_h"))
             if why:
                 raise ValueError(f"RNN: {why} (use impl='scan' or 'auto').")
         if not isinstance(rngs, nnx.Rngs):
@@ -452,9 +461,10 @@ class RNN(nnx.Module):
         self.impl = impl
         self.remat = bool(remat)
         self.kernel_options = dict(kernel_options or {})
-        bad = sorted(set(self.kernel_options) - {"block_b", "num_warps", "interpret", "precision"})
+        known = ("block_b", "block_h", "block_k", "num_warps", "interpret", "precision")
+        bad = sorted(set(self.kernel_options) - set(known))
         if bad:
-            raise ValueError(f"RNN: unknown kernel_options {bad}; expected block_b, num_warps, interpret, precision.")
+            raise ValueError(f"RNN: unknown kernel_options {bad}; expected {', '.join(known)}.")
         layers = []
         for layer in range(self.num_layers):
             d_in = self.in_features if layer == 0 else self.num_directions * self.hidden_size
@@ -563,7 +573,7 @@ class RNN(nnx.Module):
                     c0 = jax.tree.map(lambda a: jnp.asarray(a).reshape(B, a.shape[-1]).astype(acc),
                                       initial_carry[li][d])
                 want_trace = trace_at == (li, d)
-                impl = resolve_impl(self.impl, self.spec)
+                impl = resolve_impl(self.impl, self.spec, hidden_size=self.hidden_size, dtype=cd)
                 if impl == "scan_vjp" and not want_trace:
                     ys, cf, tr = scan_cell_vjp(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
                                                unroll=self.unroll, remat=self.remat)

@@ -16,6 +16,14 @@ from lstm_lab.cells import CellSpec
 from lstm_lab.kernels import pallas_rnn
 from lstm_lab.recurrent import scan_cell, scan_cell_pallas
 
+@pytest.fixture(autouse=True)
+def _exact_float32_matmuls():
+    """On a GPU, float32 matmuls default to TF32 (scan and kernel alike, but not in the same order): pin
+    them to full precision so the 1e-5 comparisons mean the same on every backend. No effect on a CPU."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 # Every LSTM-family flag appears in at least one spec, the GRU in both forms.
 SPECS = {
     "lstm": cells.VARIANTS["lstm"],
@@ -104,7 +112,7 @@ def test_layer_bidirectional_bf16():
         (_, y), grads = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))(m, x)
         return y, jax.tree.leaves(grads)
 
-    y32, g32 = grads("scan", jnp.float32)
+    _, g32 = grads("scan", jnp.float32)
     ys, gs = grads("scan", jnp.bfloat16)
     yk, gk = grads("pallas", jnp.bfloat16)
     assert yk.dtype == jnp.bfloat16
@@ -131,10 +139,51 @@ def test_lowers_to_triton(name):
 def test_unsupported_is_refused():
     for cell, H, kw, words in (("mgu", 8, {}, "LSTM family and the GRU"),
                                ("lstm", 300, {}, f"up to hidden size {pallas_rnn.H_MAX}; got 300"),
-                               ("lstm", 8, {"dtype": jnp.float64}, "got dtype=float64")):
+                               ("lstm", 8, {"dtype": jnp.float64}, "got dtype=float64"),
+                               ("gru", 40, {"kernel_options": {"block_h": 16}}, "with block_h .* LSTM family"),
+                               ("lstm", 8, {"kernel_options": {"blockb": 16}}, r"unknown kernel_options \['blockb'\]")):
         with pytest.raises(ValueError, match=words):
             lstm_lab.RNN(3, H, cell, impl="pallas", rngs=nnx.Rngs(0), **kw)
     spec = SPECS["lstm"]
-    params, xp, carry0, lengths, _ = _case(spec, T=2, B=2, H=8, seed=0)
+    params, xp, carry0, _, _ = _case(spec, T=2, B=2, H=8, seed=0)
     with pytest.raises(ValueError, match="block_b must be a power of two >= 16; got 24"):
         scan_cell_pallas(spec, params, xp, carry0, block_b=24)
+
+
+def test_auto_takes_the_kernel_where_the_table_says_and_falls_back(monkeypatch):
+    """A backend whose AUTO_IMPL entry is "pallas" runs the kernel; sizes or dtypes it cannot take get the scan."""
+    from lstm_lab import recurrent
+
+    monkeypatch.setitem(recurrent.AUTO_IMPL, (jax.default_backend(), "gru"), "pallas")
+    x = jnp.ones((2, 3, 4), jnp.float32)
+
+    def runs_kernel(H, dtype=jnp.float32):
+        m = lstm_lab.RNN(4, H, "gru", dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+        return "pallas_call" in str(jax.make_jaxpr(lambda x: m(x.astype(dtype))[0])(x))
+
+    assert runs_kernel(8)
+    assert not runs_kernel(pallas_rnn.H_MAX + 1)
+    assert not runs_kernel(8, jnp.float64)
+
+
+def test_hidden_split_across_programs_matches_scan():
+    """block_h < H: the hidden size split across programs (2 column blocks, 2 contraction chunks, 2 batch
+    tiles, reverse with lengths; FGR with peepholes: the h and the gate exchange), interpret mode running
+    the blocks in turn where a GPU runs them side by side with a barrier."""
+    name = "fgr"
+    spec = SPECS[name]
+    case = _case(spec, T=5, B=20, H=24, seed=11)
+    fn = lambda *a, **k: scan_cell_pallas(*a, **k, block_h=16, block_k=16)
+    _assert_close(_run(fn, spec, *case, True), _run(scan_cell, spec, *case, True), 1e-5, name)
+
+
+def test_hidden_split_lowers_to_triton_with_its_barrier():
+    spec = SPECS["vanilla"]
+    params, xp, carry0, lengths, _ = _case(spec, T=5, B=20, H=40, seed=1)
+    f = lambda p, xp, c0: scan_cell_pallas(spec, p, xp, c0, lengths=lengths, interpret=False, block_h=16)[:2]
+    g = jax.grad(lambda *a: sum(jnp.sum(v) for v in jax.tree.leaves(f(*a))), argnums=(0, 1, 2))
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    text = jax.export.export(jax.jit(g), platforms=["cuda"], disabled_checks=checks)(params, xp, carry0).mlir_module()
+    assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 2
+    assert "grid_y = 4" in text  # 64 padded columns / 16 per program
+    assert "atomic_rmw" in text and "while" in text  # the barrier: an atomic counter and a spin loop

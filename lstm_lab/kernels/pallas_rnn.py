@@ -29,19 +29,19 @@ out. Everything is sliced back before the caller sees it, and autodiff handles t
 
 On GPU the kernel lowers to Triton (``jax.experimental.pallas``'s Triton backend); on any
 other backend it runs in Pallas interpret mode, which is how the test suite checks it
-against the scan. One program keeps the whole ``[G, H, H]`` recurrent matrix, so hidden
-sizes above :data:`H_MAX` are not taken (``pallas_unsupported`` says so and ``impl="auto"``
-would keep the scan); splitting ``H`` across programs needs a grid-wide barrier per step.
+against the scan. By default one program keeps the whole ``[G, H, H]`` recurrent matrix, so
+hidden sizes above :data:`H_MAX` are not taken (``pallas_unsupported`` says so and
+``impl="auto"`` would keep the scan). ``block_h`` splits the hidden size across programs
+that exchange ``h`` (backward: ``d_pre``) through global memory and meet at a barrier every
+step (LSTM family; "Hidden size split across programs" below).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from lstm_lab import cells as _cells
@@ -63,13 +63,17 @@ def _pow2(n: int, lo: int = 16) -> int:
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-def pallas_unsupported(spec: CellSpec, hidden_size: int, dtype=None, param_dtype=None) -> str | None:
+def pallas_unsupported(spec: CellSpec, hidden_size: int, dtype=None, param_dtype=None,
+                       block_h: int | None = None) -> str | None:
     """Why ``impl="pallas"`` cannot run ``spec`` at ``hidden_size``, or None when it can."""
     if spec.family not in FAMILIES:
         return f"impl='pallas' supports the LSTM family and the GRU; {spec.name!r} is a {spec.family}"
-    if _pow2(hidden_size) > H_MAX:
+    split = block_h is not None and block_h < _pow2(hidden_size)
+    if split and spec.family != "lstm":
+        return f"impl='pallas' with block_h (hidden size split across programs) supports the LSTM family; got {spec.name!r}"
+    if not split and _pow2(hidden_size) > H_MAX:
         return (f"impl='pallas' keeps the whole recurrent matrix in one program, up to hidden size "
-                f"{H_MAX}; got {hidden_size}")
+                f"{H_MAX}; got {hidden_size} (kernel_options block_h splits it across programs)")
     for name, dt in (("dtype", dtype), ("param_dtype", param_dtype)):
         if dt is not None and jnp.dtype(dt).name not in _DTYPES:
             return f"impl='pallas' computes in float32, bfloat16 or float16; got {name}={jnp.dtype(dt).name}"
@@ -80,7 +84,11 @@ def pallas_unsupported(spec: CellSpec, hidden_size: int, dtype=None, param_dtype
 # Static description of one kernel instance
 # ---------------------------------------------------------------------------
 class _Static(tuple):
-    """Hashable (spec, T, bB, Hp, interpret, num_warps, precision) for custom_vjp's nondiff arg."""
+    """Hashable (spec, T, bB, Hp, interpret, num_warps, precision, bH, bK) for custom_vjp's nondiff arg.
+
+    ``bH < Hp``: the hidden size is split across ``Hp // bH`` programs per batch tile (see "Hidden size
+    split across programs" below); ``bK``: the chunk of the recurrent matmul's contraction they load.
+    """
 
     spec = property(lambda s: s[0])
     T = property(lambda s: s[1])
@@ -89,6 +97,9 @@ class _Static(tuple):
     interpret = property(lambda s: s[4])
     num_warps = property(lambda s: s[5])
     precision = property(lambda s: s[6])
+    bH = property(lambda s: s[7])
+    bK = property(lambda s: s[8])
+    nh = property(lambda s: s[3] // s[7])
 
 
 def _fields(spec: CellSpec) -> tuple[str, ...]:
@@ -267,7 +278,6 @@ def _forward(st: _Static, save: bool, prm: tuple, xp4, carry0: tuple, mask):
 def _bwd_kernel(st: _Static, *refs):
     spec = st.spec
     fields = _fields(spec)
-    nf = len(fields)
     pnames = _param_names(spec)
     names = spec.gate_names()
     G = len(names)
@@ -384,16 +394,266 @@ def _backward(st: _Static, prm: tuple, res, dseq: tuple):
     return _call(functools.partial(_bwd_kernel, st), st, ins, in_specs, out_shapes, out_specs, Bp)
 
 
+
+# ---------------------------------------------------------------------------
+# Hidden size split across programs (large H)
+# ---------------------------------------------------------------------------
+# grid (batch tiles, Hp // bH): program (b, j) owns rows b*bB.. and hidden columns J = j*bH.. of every
+# gate, and keeps only its columns of R (forward: R_k[:, J]; backward: R_k[J, :]), so the weights are
+# spread over the programs (cuDNN's persistent kernels do the same). Per step the programs of a batch
+# tile exchange what the matmul needs through global memory — forward h_t (and FGR's gates_t), backward
+# d_pre_t — and meet at a barrier (an atomic counter per batch tile and a spin loop; the programs must
+# all be resident at once: at most one per SM). In interpret mode programs run one after another, so
+# there the kernel runs every column block of a phase in turn inside one program instead of the
+# barrier: the same code computes each block, only the schedule differs.
+def _columns(st: _Static, j):
+    return pl.ds(j * st.bH, st.bH)
+
+
+def _chunks(st: _Static):
+    return [pl.ds(c * st.bK, st.bK) for c in range(st.Hp // st.bK)]
+
+
+def _shared_load(st: _Static, ref, idx):
+    """Load what other programs wrote during this launch: volatile on a GPU (L1 is not coherent across SMs;
+    a ".cg" cache modifier would do, but jax 0.10's Triton lowering cannot look it up)."""
+    if st.interpret:
+        return ref[idx]
+    from jax.experimental.pallas import triton as plgpu
+    return plgpu.load(ref.at[idx], volatile=True)
+
+
+def _barrier(st: _Static, count_ref, b, target):
+    """Wait until ``count_ref[b]`` reaches ``target`` after adding this program's 1 (GPU only)."""
+    from jax.experimental.pallas import triton as plgpu
+    plgpu.atomic_add(count_ref, (b,), jnp.int32(1))
+    jax.lax.while_loop(lambda v: v < target, lambda v: plgpu.atomic_add(count_ref, (b,), jnp.int32(0)),
+                       jnp.int32(0))
+
+
+def _split_fwd_kernel(st: _Static, save: bool, *refs):
+    spec = st.spec
+    fields = _fields(spec)
+    names = spec.gate_names()
+    G = len(names)
+    rec_names = spec.recurrent_gate_names()
+    k_rec = len(rec_names)
+    it = iter(refs)
+    xp_ref, mask_ref = next(it), next(it)
+    prm_refs = dict(zip(_param_names(spec), [next(it) for _ in _param_names(spec)]))
+    c0 = [next(it) for _ in fields]
+    _count_in = next(it)
+    seq = [next(it) for _ in fields]
+    pre_ref = next(it) if save else None
+    count_ref = next(it)
+    b = pl.program_id(0)
+    rows = pl.ds(b * st.bB, st.bB)
+    blocks = range(st.nh) if st.interpret else [pl.program_id(1)]
+    chunks = _chunks(st)
+
+    def own(j):  # the weights and initial carry of column block j
+        cols = _columns(st, j)
+        R = [[prm_refs["R"][k, ch, cols] for ch in chunks] for k in range(G)]
+        Rg = ([[[prm_refs["R_gates"][s_, d, ch, cols] for ch in chunks] for d in range(k_rec)] for s_ in range(k_rec)]
+              if spec.full_gate_recurrence else None)
+        peep = tuple(prm_refs["peep"][p_, cols] for p_ in range(len(spec.peephole_names()))) if spec.peepholes else ()
+        init = [c0[0][rows, cols], c0[1][rows, cols]]
+        if spec.full_gate_recurrence:
+            init.append(tuple(c0[2][rows, s_, cols] for s_ in range(k_rec)))
+        return (R, Rg, peep), tuple(init)
+
+    owned = [own(j) for j in blocks]
+
+    def prev_chunk(t, f_ref, z_ref, ch, s_=None):
+        tp = jnp.maximum(t - 1, 0)
+        if s_ is None:
+            return jnp.where(t > 0, _shared_load(st, f_ref, (tp, rows, ch)), z_ref[rows, ch])
+        return jnp.where(t > 0, _shared_load(st, f_ref, (tp, rows, s_, ch)), z_ref[rows, s_, ch])
+
+    def body(t, carries):
+        m = mask_ref[t, rows][:, None] > 0
+        hch = [prev_chunk(t, seq[0], c0[0], ch) for ch in chunks]
+        gch = ([[prev_chunk(t, seq[2], c0[2], ch, s_) for ch in chunks] for s_ in range(k_rec)]
+               if spec.full_gate_recurrence else None)
+        new_carries = []
+        for j, ((R, Rg, peep), carry) in zip(blocks, zip([o[0] for o in owned], carries)):
+            cols = _columns(st, j)
+            a = {}
+            for k, name in enumerate(names):
+                acc = xp_ref[t, rows, k, cols]
+                for c in range(len(chunks)):
+                    acc = acc + _dot(hch[c], R[k][c], st.precision)
+                a[name] = acc
+            if spec.full_gate_recurrence:
+                for d, dst in enumerate(rec_names):
+                    for s_ in range(k_rec):
+                        for c in range(len(chunks)):
+                            a[dst] = a[dst] + _dot(gch[s_][c], Rg[s_][d][c], st.precision)
+            new = _lstm_math(st, {"peep": peep}, a, carry, m)
+            seq[0][t, rows, cols] = new[0]
+            seq[1][t, rows, cols] = new[1]
+            if spec.full_gate_recurrence:
+                for s_ in range(k_rec):
+                    seq[2][t, rows, s_, cols] = new[2][s_]
+            if save:
+                for k, name in enumerate(names):
+                    pre_ref[t, rows, k, cols] = a[name]
+            new_carries.append(new)
+        if not st.interpret:
+            _barrier(st, count_ref, b, (t + 1) * st.nh)
+        return tuple(new_carries)
+
+    jax.lax.fori_loop(0, st.T, body, tuple(o[1] for o in owned))
+
+
+def _split_bwd_kernel(st: _Static, *refs):
+    spec = st.spec
+    fields = _fields(spec)
+    names = spec.gate_names()
+    G = len(names)
+    rec_names = spec.recurrent_gate_names()
+    rec_idx = [names.index(g) for g in rec_names]
+    k_rec = len(rec_names)
+    P = len(spec.peephole_names())
+    it = iter(refs)
+    pre_ref, mask_ref = next(it), next(it)
+    prm_refs = dict(zip(_param_names(spec), [next(it) for _ in _param_names(spec)]))
+    c0 = [next(it) for _ in fields]
+    seq = [next(it) for _ in fields]
+    dseq = [next(it) for _ in fields]
+    _count_in = next(it)
+    dxp_ref = next(it)
+    dc0 = [next(it) for _ in fields]
+    dpeep_ref = next(it) if spec.peepholes else None
+    count_ref = next(it)
+    b = pl.program_id(0)
+    rows = pl.ds(b * st.bB, st.bB)
+    blocks = range(st.nh) if st.interpret else [pl.program_id(1)]
+    chunks = _chunks(st)
+
+    def own(j):  # R_k[J, :] and R_gates[s, d][J, :] by chunks, peepholes of J
+        cols = _columns(st, j)
+        RT = [[prm_refs["R"][k, cols, ch] for ch in chunks] for k in range(G)]
+        RgT = ([[[prm_refs["R_gates"][s_, d, cols, ch] for ch in chunks] for d in range(k_rec)] for s_ in range(k_rec)]
+               if spec.full_gate_recurrence else None)
+        peep = tuple(prm_refs["peep"][p_, cols] for p_ in range(P))
+        return RT, RgT, peep
+
+    owned = [own(j) for j in blocks]
+
+    def load_carry(refs_, idx, cols):
+        out = [refs_[0][idx + (rows, cols)], refs_[1][idx + (rows, cols)]]
+        if spec.full_gate_recurrence:
+            out.append(tuple(refs_[2][idx + (rows, s_, cols)] for s_ in range(k_rec)))
+        return tuple(out)
+
+    def body(i, state):
+        t = st.T - 1 - i
+        m = mask_ref[t, rows][:, None] > 0
+        tp = jnp.maximum(t - 1, 0)
+        directs, new_state = [], []
+        for j, (_, _, peep), (dnext, dpeep) in zip(blocks, owned, state):
+            cols = _columns(st, j)
+            dcarry = jax.tree.map(jnp.add, dnext, load_carry(dseq, (t,), cols))
+            prev = jax.tree.map(lambda s_, z: jnp.where(t > 0, s_, z), load_carry(seq, (tp,), cols),
+                                load_carry(c0, (), cols))
+            a = {name: pre_ref[t, rows, k, cols] for k, name in enumerate(names)}
+            _, vjp = jax.vjp(lambda a_, c_, e_: _lstm_math(st, {"peep": e_}, a_, c_, m), a, prev, peep)
+            da, dprev, de = vjp(dcarry)
+            for k, name in enumerate(names):
+                dxp_ref[t, rows, k, cols] = da[name]
+            directs.append(dprev)
+            new_state.append(jax.tree.map(jnp.add, dpeep, de))
+        if not st.interpret:
+            _barrier(st, count_ref, b, (i + 1) * st.nh)
+        dch = [[_shared_load(st, dxp_ref, (t, rows, k, ch)) for ch in chunks] for k in range(G)]
+        out = []
+        for (RT, RgT, _), dprev, dpeep in zip(owned, directs, new_state):
+            dh = dprev[0]
+            for k in range(G):
+                for c in range(len(chunks)):
+                    dh = dh + _dot(dch[k][c], RT[k][c], st.precision, _DOT_T)
+            dnew = [dh, dprev[1]]
+            if spec.full_gate_recurrence:
+                dg = list(dprev[2])
+                for s_ in range(k_rec):
+                    for d in range(k_rec):
+                        for c in range(len(chunks)):
+                            dg[s_] = dg[s_] + _dot(dch[rec_idx[d]][c], RgT[s_][d][c], st.precision, _DOT_T)
+                dnew.append(tuple(dg))
+            out.append((tuple(dnew), dpeep))
+        return tuple(out)
+
+    def zeros(j):
+        cols = _columns(st, j)
+        return jax.tree.map(jnp.zeros_like, load_carry(c0, (), cols))
+
+    init = tuple((zeros(j), tuple(jnp.zeros_like(p_) for p_ in own_[2])) for j, own_ in zip(blocks, owned))
+    final = jax.lax.fori_loop(0, st.T, body, init)
+    for j, (dcarry0, dpeep) in zip(blocks, final):
+        cols = _columns(st, j)
+        dc0[0][rows, cols] = dcarry0[0]
+        dc0[1][rows, cols] = dcarry0[1]
+        if spec.full_gate_recurrence:
+            for s_ in range(k_rec):
+                dc0[2][rows, s_, cols] = dcarry0[2][s_]
+        for p_ in range(P):
+            dpeep_ref[b, p_, cols] = dpeep[p_]
+
+
+def _split_call(kernel, st: _Static, ins, out_shapes):
+    """The split kernels index whole arrays themselves; the last output is the barrier counter, aliased
+    to the last input (zeros)."""
+    nb = ins[1].shape[1] // st.bB  # mask [T, Bp]
+    kw = {}
+    if not st.interpret:
+        from jax.experimental.pallas import triton as plgpu
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=st.num_warps, num_stages=1)
+    whole = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(kernel, grid=(nb, 1 if st.interpret else st.nh),
+                          in_specs=[whole] * len(ins), out_specs=[whole] * len(out_shapes), out_shape=out_shapes,
+                          input_output_aliases={len(ins) - 1: len(out_shapes) - 1}, interpret=st.interpret,
+                          **kw)(*ins)
+
+
+def _split_forward(st: _Static, save: bool, prm: tuple, xp4, carry0: tuple, mask):
+    T, Bp, G, Hp = xp4.shape
+    count = jnp.zeros((Bp // st.bB,), jnp.int32)
+    out_shapes = [jax.ShapeDtypeStruct((T, *c.shape), jnp.float32) for c in carry0]
+    if save:
+        out_shapes.append(jax.ShapeDtypeStruct((T, Bp, G, Hp), jnp.float32))
+    out_shapes.append(jax.ShapeDtypeStruct(count.shape, jnp.int32))
+    outs = _split_call(functools.partial(_split_fwd_kernel, st, save), st, [xp4, mask, *prm, *carry0, count],
+                       out_shapes)
+    nf = len(carry0)
+    return tuple(outs[:nf]), (outs[nf] if save else None)
+
+
+def _split_backward(st: _Static, prm: tuple, res, dseq: tuple):
+    spec = st.spec
+    pre, mask, carry0, seq, _ = res
+    T, Bp, G, Hp = pre.shape
+    nb = Bp // st.bB
+    count = jnp.zeros((nb,), jnp.int32)
+    out_shapes = [jax.ShapeDtypeStruct((T, Bp, G, Hp), jnp.float32)]
+    out_shapes += [jax.ShapeDtypeStruct(c.shape, jnp.float32) for c in carry0]
+    if spec.peepholes:
+        out_shapes.append(jax.ShapeDtypeStruct((nb, len(spec.peephole_names()), Hp), jnp.float32))
+    out_shapes.append(jax.ShapeDtypeStruct(count.shape, jnp.int32))
+    outs = _split_call(functools.partial(_split_bwd_kernel, st), st,
+                       [pre, mask, *prm, *carry0, *seq, *dseq, count], out_shapes)
+    return list(outs[:-1])
+
 # ---------------------------------------------------------------------------
 # custom VJP over the padded layout
 # ---------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(st, prm, xp4, carry0, mask):
-    return _forward(st, False, prm, xp4, carry0, mask)[0]
+    return (_split_forward if st.nh > 1 else _forward)(st, False, prm, xp4, carry0, mask)[0]
 
 
 def _core_fwd(st, prm, xp4, carry0, mask):
-    seq, pre = _forward(st, True, prm, xp4, carry0, mask)
+    seq, pre = (_split_forward if st.nh > 1 else _forward)(st, True, prm, xp4, carry0, mask)
     xn = xp4[:, :, 2, :] if st.spec.family == "gru" else None
     return seq, (prm, pre, mask, carry0, seq, xn)
 
@@ -401,7 +661,7 @@ def _core_fwd(st, prm, xp4, carry0, mask):
 def _core_bwd(st, res, dseq):
     spec = st.spec
     prm, pre, mask, carry0, seq, xn = res
-    outs = list(_backward(st, prm, (pre, mask, carry0, seq, xn), tuple(dseq)))
+    outs = list((_split_backward if st.nh > 1 else _backward)(st, prm, (pre, mask, carry0, seq, xn), tuple(dseq)))
     dxp = outs.pop(0)
     dq = outs.pop(0) if spec.family == "gru" else None
     nf = len(_fields(spec))
@@ -442,8 +702,8 @@ _core.defvjp(_core_fwd, _core_bwd)
 # Public entry point
 # ---------------------------------------------------------------------------
 def fused_recurrence(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry0, mask: jax.Array, *,
-                     block_b: int = 16, num_warps: int | None = None, interpret: bool | None = None,
-                     precision=None):
+                     block_b: int = 16, block_h: int | None = None, block_k: int = 64,
+                     num_warps: int | None = None, interpret: bool | None = None, precision=None):
     """Run one layer direction forward in time in one kernel launch (differentiable).
 
     Args:
@@ -453,7 +713,12 @@ def fused_recurrence(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
       carry0: the initial carry (fields ``[B, size]``).
       mask: ``[T, B]`` bool, step ``t`` of row ``b`` is valid (past it the carry is frozen).
       block_b: batch rows per program (a power of two, at least 16).
-      num_warps: Triton warps per program (default 4, 8 from hidden size 256).
+      block_h: hidden columns per program (a power of two, at least 16; LSTM family): below the
+        padded hidden size, the hidden size is split across programs that meet at a barrier every
+        step (for large H; every program of a batch tile must be resident on the GPU at once).
+        None: one program holds the whole hidden size (up to :data:`H_MAX`).
+      block_k: with ``block_h``, the contraction chunk of the recurrent matmuls.
+      num_warps: Triton warps per program (default 4, 8 from 256 hidden columns per program).
       interpret: run in Pallas interpret mode (default: unless the backend is GPU).
       precision: of the kernel's matmuls (``jax.lax.Precision``; None: the backend's default,
         which on GPU lets float32 use TF32).
@@ -461,11 +726,13 @@ def fused_recurrence(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
     Returns:
       ``(ys [T, B, H], final_carry)``; ``ys`` is zero where ``mask`` is False.
     """
-    why = pallas_unsupported(spec, xp.shape[-1] // len(spec.gate_names()), dtype=params["R"].dtype)
+    why = pallas_unsupported(spec, xp.shape[-1] // len(spec.gate_names()), dtype=params["R"].dtype,
+                             block_h=block_h)
     if why:
         raise ValueError(why + ".")
-    if block_b < 16 or block_b & (block_b - 1):
-        raise ValueError(f"fused_recurrence: block_b must be a power of two >= 16; got {block_b!r}.")
+    for name, v in (("block_b", block_b), ("block_h", block_h), ("block_k", block_k)):
+        if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
+            raise ValueError(f"fused_recurrence: {name} must be a power of two >= 16; got {v!r}.")
     T, B, GH = xp.shape
     names = spec.gate_names()
     G = len(names)
@@ -475,9 +742,19 @@ def fused_recurrence(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
     Bp = -(-B // bB) * bB
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    bH = Hp if block_h is None else min(block_h, Hp)
     if num_warps is None:
-        num_warps = 8 if Hp >= 256 else 4
-    st = _Static((spec, T, bB, Hp, bool(interpret), int(num_warps), precision))
+        num_warps = 8 if bH >= 256 else 4
+    bK = min(block_k, Hp)
+    if bH < Hp and not interpret:
+        sms = getattr(jax.devices()[0], "core_count", None)
+        programs = (Bp // bB) * (Hp // bH)
+        if sms and programs > sms:
+            raise ValueError(
+                f"fused_recurrence: block_b={bB}, block_h={bH} make {programs} programs for B={B}, H={H}, more "
+                f"than the {sms} multiprocessors that must hold them all at once (they meet at a barrier every "
+                f"step); raise block_b or block_h.")
+    st = _Static((spec, T, bB, Hp, bool(interpret), int(num_warps), precision, bH, bK))
     acc = jnp.float32
     dH, dB = Hp - H, Bp - B
 
