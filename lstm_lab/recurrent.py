@@ -222,8 +222,8 @@ def scan_cell_pallas(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
                      lengths: jax.Array | None = None, reverse: bool = False, **kernel_options):
     """:func:`scan_cell` (without traces) as one fused Pallas kernel launch per direction.
 
-    LSTM family and GRU, hidden size up to :data:`lstm_lab.kernels.pallas_rnn.H_MAX`, float32
-    or bfloat16 weights. On GPU the kernel runs through Triton; elsewhere in Pallas interpret
+    LSTM family (any hidden size) and GRU (hidden size whose weights fit in
+    :data:`lstm_lab.kernels.pallas_rnn.SMEM_BUDGET`), float32 or bfloat16 weights. On GPU the kernel runs through Triton; elsewhere in Pallas interpret
     mode (correct, slow: for tests). ``kernel_options`` go to
     :func:`lstm_lab.kernels.pallas_rnn.fused_recurrence` (``block_b``, ``num_warps``,
     ``interpret``, ``precision``).
@@ -461,7 +461,7 @@ class RNN(nnx.Module):
         self.impl = impl
         self.remat = bool(remat)
         self.kernel_options = dict(kernel_options or {})
-        known = ("block_b", "block_h", "block_k", "num_warps", "interpret", "precision")
+        known = ("block_b", "block_h", "block_k", "stream_weights", "num_warps", "interpret", "precision")
         bad = sorted(set(self.kernel_options) - set(known))
         if bad:
             raise ValueError(f"RNN: unknown kernel_options {bad}; expected {', '.join(known)}.")

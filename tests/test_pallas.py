@@ -138,9 +138,9 @@ def test_lowers_to_triton(name):
 
 def test_unsupported_is_refused():
     for cell, H, kw, words in (("mgu", 8, {}, "LSTM family and the GRU"),
-                               ("lstm", 300, {}, f"up to hidden size {pallas_rnn.H_MAX}; got 300"),
+                               ("gru", 300, {}, "at hidden size 300 .* exceed the 200 KiB of shared memory"),
                                ("lstm", 8, {"dtype": jnp.float64}, "got dtype=float64"),
-                               ("gru", 40, {"kernel_options": {"block_h": 16}}, "with block_h .* LSTM family"),
+                               ("gru", 40, {"kernel_options": {"block_h": 16}}, "splits the hidden size across programs for the LSTM family only"),
                                ("lstm", 8, {"kernel_options": {"blockb": 16}}, r"unknown kernel_options \['blockb'\]")):
         with pytest.raises(ValueError, match=words):
             lstm_lab.RNN(3, H, cell, impl="pallas", rngs=nnx.Rngs(0), **kw)
@@ -162,7 +162,7 @@ def test_auto_takes_the_kernel_where_the_table_says_and_falls_back(monkeypatch):
         return "pallas_call" in str(jax.make_jaxpr(lambda x: m(x.astype(dtype))[0])(x))
 
     assert runs_kernel(8)
-    assert not runs_kernel(pallas_rnn.H_MAX + 1)
+    assert not runs_kernel(300)  # a GRU's whole weights do not fit in one program's shared memory
     assert not runs_kernel(8, jnp.float64)
 
 
@@ -175,6 +175,25 @@ def test_hidden_split_across_programs_matches_scan():
     case = _case(spec, T=5, B=20, H=24, seed=11)
     fn = lambda *a, **k: scan_cell_pallas(*a, **k, block_h=16, block_k=16)
     _assert_close(_run(fn, spec, *case, True), _run(scan_cell, spec, *case, True), 1e-5, name)
+
+
+def test_split_plan_and_streamed_weights():
+    """Without block_h the plan splits H only when the whole weights exceed the shared-memory budget, and
+    streams the weights when even 16 columns do not fit; streamed weights compute the same function."""
+    plan = pallas_rnn._plan
+    lstm, fgr = SPECS["lstm"], SPECS["fgr"]
+    assert plan(lstm, 64, 8, 4, 16, None, 132, None) == (16, 64, False)        # 64 KiB: whole
+    assert plan(lstm, 128, 8, 2, 16, None, 132, None) == (16, 128, False)      # bf16: 128 KiB, whole
+    assert plan(lstm, 128, 8, 4, 16, None, 132, None) == (16, 64, False)       # f32: 256 KiB -> 2 blocks
+    assert plan(lstm, 1024, 256, 2, 16, None, 132, None) == (128, 16, False)   # 64 blocks: 2 batch tiles
+    assert plan(lstm, 1024, 64, 4, 16, None, 132, None) == (32, 16, True)      # 256 KiB even at 16 columns
+    assert plan(fgr, 64, 8, 4, 16, None, 132, None) == (16, 32, False)         # R_gates count too
+    assert plan(lstm, 1024, 512, 2, 16, 16, 132, None) == (256, 16, False)    # block_b raised to fit
+    assert "256 column blocks of 16 for hidden size 4096 exceed the 132" in plan(lstm, 4096, 8, 2, 16, None, 132, None)
+    spec = SPECS["lstm"]
+    case = _case(spec, T=3, B=5, H=24, seed=5)
+    fn = lambda *a, **k: scan_cell_pallas(*a, **k, block_h=16, block_k=16, stream_weights=True)
+    _assert_close(_run(fn, spec, *case, False), _run(scan_cell, spec, *case, False), 1e-5, "streamed")
 
 
 def test_hidden_split_lowers_to_triton_with_its_barrier():

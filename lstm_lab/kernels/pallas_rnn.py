@@ -29,11 +29,11 @@ out. Everything is sliced back before the caller sees it, and autodiff handles t
 
 On GPU the kernel lowers to Triton (``jax.experimental.pallas``'s Triton backend); on any
 other backend it runs in Pallas interpret mode, which is how the test suite checks it
-against the scan. By default one program keeps the whole ``[G, H, H]`` recurrent matrix, so
-hidden sizes above :data:`H_MAX` are not taken (``pallas_unsupported`` says so and
-``impl="auto"`` would keep the scan). ``block_h`` splits the hidden size across programs
-that exchange ``h`` (backward: ``d_pre``) through global memory and meet at a barrier every
-step (LSTM family; "Hidden size split across programs" below).
+against the scan. One program keeps the whole ``[G, H, H]`` recurrent matrix when it fits in
+:data:`SMEM_BUDGET` of shared memory; otherwise (LSTM family; or with ``block_h``) the hidden
+size is split across programs that exchange ``h`` (backward: ``d_pre``) through global memory
+and meet at a barrier every step ("Hidden size split across programs" below). A GRU whose
+weights do not fit is not taken (``pallas_unsupported`` says why; ``impl="auto"`` keeps the scan).
 """
 
 from __future__ import annotations
@@ -47,47 +47,91 @@ from jax.experimental import pallas as pl
 from lstm_lab import cells as _cells
 from lstm_lab.cells import CellSpec
 
-__all__ = ["fused_recurrence", "pallas_unsupported", "H_MAX"]
+__all__ = ["fused_recurrence", "pallas_unsupported", "SMEM_BUDGET"]
 
-# The largest (padded) hidden size one program takes: the [G, H, H] recurrent weights stay
-# with the program for all T steps. To be set from GPU measurements (benchmarks/NOTES.md).
-H_MAX = 256
+# What a program may keep on chip for all T steps: Triton stages the weight tiles of its dots in shared
+# memory (H100: at most 227 KiB per block); measured by compiling the kernels' Triton IR for sm_90 (no GPU
+# needed; benchmarks/NOTES.md, "Session 4"): whole-H LSTM weights take 68 KiB at H=64 float32 and 136 KiB
+# at H=128 bfloat16 (fit), 264 KiB at H=128 float32 (does not).
+SMEM_BUDGET = 200 * 1024
+SM_COUNT = 132  # H100; on a GPU the device's own count is used
 FAMILIES = ("lstm", "gru")
 _DOT_T = (((1,), (1,)), ((), ()))  # a @ b^T
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (int(n) - 1).bit_length())
 
 
-_DTYPES = ("float32", "bfloat16", "float16")
+def _weight_bytes(spec: CellSpec, Hp: int, bH: int, itemsize: int) -> int:
+    """Bytes of weights one program keeps: its bH columns of every gate's R (and of FGR's R_gates)."""
+    k = len(spec.recurrent_gate_names()) if spec.full_gate_recurrence else 0
+    return (len(spec.gate_names()) + k * k) * Hp * bH * itemsize
+
+
+def _plan(spec: CellSpec, H: int, B: int, itemsize: int, block_b: int, block_h: int | None, sms: int,
+          stream: bool | None):
+    """(bB, bH, stream) for a launch, or a reason it cannot run.
+
+    Whole H in one program when its weights fit in :data:`SMEM_BUDGET` (every family); else (LSTM family)
+    H split across programs, the widest column block whose weights fit (or 16 columns with the weights
+    streamed), and batch tiles large enough that all programs fit on the ``sms`` multiprocessors at once.
+    """
+    Hp = _pow2(H)
+    bB = block_b if B > 16 else 16
+    if block_h is not None:
+        bH = min(block_h, Hp)
+    elif _weight_bytes(spec, Hp, Hp, itemsize) <= SMEM_BUDGET or spec.family != "lstm":
+        bH = Hp
+    else:
+        bH = Hp
+        while bH > 16 and _weight_bytes(spec, Hp, bH, itemsize) > SMEM_BUDGET:
+            bH //= 2
+    fits = _weight_bytes(spec, Hp, bH, itemsize) <= SMEM_BUDGET
+    if bH == Hp:
+        if not fits:
+            return (f"impl='pallas' runs the {spec.family.upper() if spec.family == 'gru' else spec.name} "
+                    f"with the whole recurrent matrix in one program, and at hidden size {H} (padded {Hp}) its "
+                    f"{_weight_bytes(spec, Hp, Hp, itemsize) // 1024} KiB exceed the {SMEM_BUDGET // 1024} KiB "
+                    f"of shared memory it may take")
+        return bB, bH, False
+    if spec.family != "lstm":
+        return (f"impl='pallas' splits the hidden size across programs for the LSTM family only; {spec.name!r} "
+                f"at hidden size {H} needs it")
+    nh = Hp // bH
+    if nh > sms:
+        return (f"impl='pallas': {nh} column blocks of {bH} for hidden size {H} exceed the {sms} multiprocessors "
+                f"that must hold them all at once (they meet at a barrier every step)")
+    while -(-B // bB) * nh > sms:  # every program must be resident at once: fewer, taller batch tiles
+        bB *= 2
+    return bB, bH, (not fits) if stream is None else bool(stream)
 
 
 def pallas_unsupported(spec: CellSpec, hidden_size: int, dtype=None, param_dtype=None,
-                       block_h: int | None = None) -> str | None:
+                       block_h: int | None = None, batch: int = 16) -> str | None:
     """Why ``impl="pallas"`` cannot run ``spec`` at ``hidden_size``, or None when it can."""
     if spec.family not in FAMILIES:
         return f"impl='pallas' supports the LSTM family and the GRU; {spec.name!r} is a {spec.family}"
-    split = block_h is not None and block_h < _pow2(hidden_size)
-    if split and spec.family != "lstm":
-        return f"impl='pallas' with block_h (hidden size split across programs) supports the LSTM family; got {spec.name!r}"
-    if not split and _pow2(hidden_size) > H_MAX:
-        return (f"impl='pallas' keeps the whole recurrent matrix in one program, up to hidden size "
-                f"{H_MAX}; got {hidden_size} (kernel_options block_h splits it across programs)")
     for name, dt in (("dtype", dtype), ("param_dtype", param_dtype)):
         if dt is not None and jnp.dtype(dt).name not in _DTYPES:
             return f"impl='pallas' computes in float32, bfloat16 or float16; got {name}={jnp.dtype(dt).name}"
-    return None
+    itemsize = jnp.dtype(dtype if dtype is not None else param_dtype if param_dtype is not None
+                         else jnp.float32).itemsize
+    plan = _plan(spec, hidden_size, batch, itemsize, 16, block_h, SM_COUNT, None)
+    return plan if isinstance(plan, str) else None
 
 
 # ---------------------------------------------------------------------------
 # Static description of one kernel instance
 # ---------------------------------------------------------------------------
 class _Static(tuple):
-    """Hashable (spec, T, bB, Hp, interpret, num_warps, precision, bH, bK) for custom_vjp's nondiff arg.
+    """Hashable (spec, T, bB, Hp, interpret, num_warps, precision, bH, bK, stream) for custom_vjp's
+    nondiff arg.
 
     ``bH < Hp``: the hidden size is split across ``Hp // bH`` programs per batch tile (see "Hidden size
-    split across programs" below); ``bK``: the chunk of the recurrent matmul's contraction they load.
+    split across programs" below); ``bK``: the chunk of the recurrent matmul's contraction they load;
+    ``stream``: they load their weights at each use instead of once.
     """
 
     spec = property(lambda s: s[0])
@@ -99,6 +143,7 @@ class _Static(tuple):
     precision = property(lambda s: s[6])
     bH = property(lambda s: s[7])
     bK = property(lambda s: s[8])
+    stream = property(lambda s: s[9])
     nh = property(lambda s: s[3] // s[7])
 
 
@@ -431,6 +476,18 @@ def _barrier(st: _Static, count_ref, b, target):
                        jnp.int32(0))
 
 
+class _Weights:
+    """A program's column block of a weight tensor, by contraction chunk: loaded once before the time
+    loop (resident) or at each use inside it (streamed through L2, when resident would not fit)."""
+
+    def __init__(self, st: _Static, ref, index):
+        self.ref, self.index, self.chunks = ref, index, _chunks(st)  # index(chunk) -> the tile's ref index
+        self.tiles = None if st.stream else [ref[index(ch)] for ch in self.chunks]
+
+    def __call__(self, c):
+        return self.ref[self.index(self.chunks[c])] if self.tiles is None else self.tiles[c]
+
+
 def _split_fwd_kernel(st: _Static, save: bool, *refs):
     spec = st.spec
     fields = _fields(spec)
@@ -451,11 +508,11 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
     blocks = range(st.nh) if st.interpret else [pl.program_id(1)]
     chunks = _chunks(st)
 
-    def own(j):  # the weights and initial carry of column block j
+    def own(j):  # the weights (R_k[:, J], R_gates[s, d][:, J]) and the initial carry of column block j
         cols = _columns(st, j)
-        R = [[prm_refs["R"][k, ch, cols] for ch in chunks] for k in range(G)]
-        Rg = ([[[prm_refs["R_gates"][s_, d, ch, cols] for ch in chunks] for d in range(k_rec)] for s_ in range(k_rec)]
-              if spec.full_gate_recurrence else None)
+        R = [_Weights(st, prm_refs["R"], lambda ch, k=k: (k, ch, cols)) for k in range(G)]
+        Rg = ([[_Weights(st, prm_refs["R_gates"], lambda ch, s_=s_, d=d: (s_, d, ch, cols)) for d in range(k_rec)]
+               for s_ in range(k_rec)] if spec.full_gate_recurrence else None)
         peep = tuple(prm_refs["peep"][p_, cols] for p_ in range(len(spec.peephole_names()))) if spec.peepholes else ()
         init = [c0[0][rows, cols], c0[1][rows, cols]]
         if spec.full_gate_recurrence:
@@ -466,29 +523,26 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
 
     def prev_chunk(t, f_ref, z_ref, ch, s_=None):
         tp = jnp.maximum(t - 1, 0)
-        if s_ is None:
-            return jnp.where(t > 0, _shared_load(st, f_ref, (tp, rows, ch)), z_ref[rows, ch])
-        return jnp.where(t > 0, _shared_load(st, f_ref, (tp, rows, s_, ch)), z_ref[rows, s_, ch])
+        idx = (rows, ch) if s_ is None else (rows, s_, ch)
+        return jnp.where(t > 0, _shared_load(st, f_ref, (tp, *idx)), z_ref[idx])
 
     def body(t, carries):
         m = mask_ref[t, rows][:, None] > 0
-        hch = [prev_chunk(t, seq[0], c0[0], ch) for ch in chunks]
-        gch = ([[prev_chunk(t, seq[2], c0[2], ch, s_) for ch in chunks] for s_ in range(k_rec)]
-               if spec.full_gate_recurrence else None)
         new_carries = []
-        for j, ((R, Rg, peep), carry) in zip(blocks, zip([o[0] for o in owned], carries)):
+        for j, ((R, Rg, peep), _), carry in zip(blocks, owned, carries):
             cols = _columns(st, j)
-            a = {}
-            for k, name in enumerate(names):
-                acc = xp_ref[t, rows, k, cols]
-                for c in range(len(chunks)):
-                    acc = acc + _dot(hch[c], R[k][c], st.precision)
-                a[name] = acc
-            if spec.full_gate_recurrence:
-                for d, dst in enumerate(rec_names):
+            a = [xp_ref[t, rows, k, cols] for k in range(G)]
+            for c, ch in enumerate(chunks):  # one chunk of h (and of FGR's gates) live at a time
+                h_c = prev_chunk(t, seq[0], c0[0], ch)
+                for k in range(G):
+                    a[k] = a[k] + _dot(h_c, R[k](c), st.precision)
+                if spec.full_gate_recurrence:
                     for s_ in range(k_rec):
-                        for c in range(len(chunks)):
-                            a[dst] = a[dst] + _dot(gch[s_][c], Rg[s_][d][c], st.precision)
+                        g_c = prev_chunk(t, seq[2], c0[2], ch, s_)
+                        for d, dst in enumerate(rec_names):
+                            kd = names.index(dst)
+                            a[kd] = a[kd] + _dot(g_c, Rg[s_][d](c), st.precision)
+            a = dict(zip(names, a))
             new = _lstm_math(st, {"peep": peep}, a, carry, m)
             seq[0][t, rows, cols] = new[0]
             seq[1][t, rows, cols] = new[1]
@@ -533,9 +587,9 @@ def _split_bwd_kernel(st: _Static, *refs):
 
     def own(j):  # R_k[J, :] and R_gates[s, d][J, :] by chunks, peepholes of J
         cols = _columns(st, j)
-        RT = [[prm_refs["R"][k, cols, ch] for ch in chunks] for k in range(G)]
-        RgT = ([[[prm_refs["R_gates"][s_, d, cols, ch] for ch in chunks] for d in range(k_rec)] for s_ in range(k_rec)]
-               if spec.full_gate_recurrence else None)
+        RT = [_Weights(st, prm_refs["R"], lambda ch, k=k: (k, cols, ch)) for k in range(G)]
+        RgT = ([[_Weights(st, prm_refs["R_gates"], lambda ch, s_=s_, d=d: (s_, d, cols, ch)) for d in range(k_rec)]
+                for s_ in range(k_rec)] if spec.full_gate_recurrence else None)
         peep = tuple(prm_refs["peep"][p_, cols] for p_ in range(P))
         return RT, RgT, peep
 
@@ -566,22 +620,20 @@ def _split_bwd_kernel(st: _Static, *refs):
             new_state.append(jax.tree.map(jnp.add, dpeep, de))
         if not st.interpret:
             _barrier(st, count_ref, b, (i + 1) * st.nh)
-        dch = [[_shared_load(st, dxp_ref, (t, rows, k, ch)) for ch in chunks] for k in range(G)]
         out = []
         for (RT, RgT, _), dprev, dpeep in zip(owned, directs, new_state):
             dh = dprev[0]
-            for k in range(G):
-                for c in range(len(chunks)):
-                    dh = dh + _dot(dch[k][c], RT[k][c], st.precision, _DOT_T)
-            dnew = [dh, dprev[1]]
-            if spec.full_gate_recurrence:
-                dg = list(dprev[2])
-                for s_ in range(k_rec):
-                    for d in range(k_rec):
-                        for c in range(len(chunks)):
-                            dg[s_] = dg[s_] + _dot(dch[rec_idx[d]][c], RgT[s_][d][c], st.precision, _DOT_T)
-                dnew.append(tuple(dg))
-            out.append((tuple(dnew), dpeep))
+            dg = list(dprev[2]) if spec.full_gate_recurrence else None
+            for c, ch in enumerate(chunks):  # one chunk of d_pre live at a time
+                for k in range(G):
+                    d_c = _shared_load(st, dxp_ref, (t, rows, k, ch))
+                    dh = dh + _dot(d_c, RT[k](c), st.precision, _DOT_T)
+                    if spec.full_gate_recurrence and k in rec_idx:
+                        d = rec_idx.index(k)
+                        for s_ in range(k_rec):
+                            dg[s_] = dg[s_] + _dot(d_c, RgT[s_][d](c), st.precision, _DOT_T)
+            dnew = (dh, dprev[1]) + ((tuple(dg),) if spec.full_gate_recurrence else ())
+            out.append((dnew, dpeep))
         return tuple(out)
 
     def zeros(j):
@@ -703,7 +755,8 @@ _core.defvjp(_core_fwd, _core_bwd)
 # ---------------------------------------------------------------------------
 def fused_recurrence(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry0, mask: jax.Array, *,
                      block_b: int = 16, block_h: int | None = None, block_k: int = 64,
-                     num_warps: int | None = None, interpret: bool | None = None, precision=None):
+                     stream_weights: bool | None = None, num_warps: int | None = None,
+                     interpret: bool | None = None, precision=None):
     """Run one layer direction forward in time in one kernel launch (differentiable).
 
     Args:
@@ -712,13 +765,17 @@ def fused_recurrence(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
       xp: ``[T, B, G*H]`` projected inputs ``x @ W + b`` (float32).
       carry0: the initial carry (fields ``[B, size]``).
       mask: ``[T, B]`` bool, step ``t`` of row ``b`` is valid (past it the carry is frozen).
-      block_b: batch rows per program (a power of two, at least 16).
+      block_b: batch rows per program (a power of two, at least 16); raised when a split hidden
+        size would otherwise make more programs than the GPU holds at once.
       block_h: hidden columns per program (a power of two, at least 16; LSTM family): below the
         padded hidden size, the hidden size is split across programs that meet at a barrier every
-        step (for large H; every program of a batch tile must be resident on the GPU at once).
-        None: one program holds the whole hidden size (up to :data:`H_MAX`).
-      block_k: with ``block_h``, the contraction chunk of the recurrent matmuls.
-      num_warps: Triton warps per program (default 4, 8 from 256 hidden columns per program).
+        step. None: the whole hidden size in one program when its weights fit in
+        :data:`SMEM_BUDGET`, else the widest column block whose weights fit.
+      block_k: with a split hidden size, the contraction chunk of the recurrent matmuls.
+      stream_weights: with a split hidden size, load the weights at each use (through L2) instead of
+        once per launch; None: when they do not fit in :data:`SMEM_BUDGET`.
+      num_warps: Triton warps per program (default 8: compiled for sm_90, 4 warps spill registers at
+        H=128 and in the split kernel, 8 do not or less; benchmarks/NOTES.md).
       interpret: run in Pallas interpret mode (default: unless the backend is GPU).
       precision: of the kernel's matmuls (``jax.lax.Precision``; None: the backend's default,
         which on GPU lets float32 use TF32).
@@ -726,10 +783,8 @@ def fused_recurrence(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
     Returns:
       ``(ys [T, B, H], final_carry)``; ``ys`` is zero where ``mask`` is False.
     """
-    why = pallas_unsupported(spec, xp.shape[-1] // len(spec.gate_names()), dtype=params["R"].dtype,
-                             block_h=block_h)
-    if why:
-        raise ValueError(why + ".")
+    if spec.family not in FAMILIES:
+        raise ValueError(f"impl='pallas' supports the LSTM family and the GRU; {spec.name!r} is a {spec.family}.")
     for name, v in (("block_b", block_b), ("block_h", block_h), ("block_k", block_k)):
         if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
             raise ValueError(f"fused_recurrence: {name} must be a power of two >= 16; got {v!r}.")
@@ -738,23 +793,16 @@ def fused_recurrence(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
     G = len(names)
     H = GH // G
     Hp = _pow2(H)
-    bB = block_b if B > 16 else 16
-    Bp = -(-B // bB) * bB
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    bH = Hp if block_h is None else min(block_h, Hp)
-    if num_warps is None:
-        num_warps = 8 if bH >= 256 else 4
-    bK = min(block_k, Hp)
-    if bH < Hp and not interpret:
-        sms = getattr(jax.devices()[0], "core_count", None)
-        programs = (Bp // bB) * (Hp // bH)
-        if sms and programs > sms:
-            raise ValueError(
-                f"fused_recurrence: block_b={bB}, block_h={bH} make {programs} programs for B={B}, H={H}, more "
-                f"than the {sms} multiprocessors that must hold them all at once (they meet at a barrier every "
-                f"step); raise block_b or block_h.")
-    st = _Static((spec, T, bB, Hp, bool(interpret), int(num_warps), precision, bH, bK))
+    sms = (None if interpret else getattr(jax.devices()[0], "core_count", None)) or SM_COUNT
+    plan = _plan(spec, H, B, jnp.dtype(params["R"].dtype).itemsize, block_b, block_h, sms, stream_weights)
+    if isinstance(plan, str):
+        raise ValueError(plan + ".")
+    bB, bH, stream = plan
+    Bp = -(-B // bB) * bB
+    num_warps = 8 if num_warps is None else num_warps  # fewer registers and spills than 4 at every anchor
+    st = _Static((spec, T, bB, Hp, bool(interpret), int(num_warps), precision, bH, min(block_k, Hp), stream))
     acc = jnp.float32
     dH, dB = Hp - H, Bp - B
 
