@@ -140,7 +140,7 @@ def test_unsupported_is_refused():
     for cell, H, kw, words in (("mgu", 8, {}, "LSTM family and the GRU"),
                                ("gru", 300, {}, "at hidden size 300 .* exceed the 200 KiB of shared memory"),
                                ("lstm", 8, {"dtype": jnp.float64}, "got dtype=float64"),
-                               ("gru", 40, {"kernel_options": {"block_h": 16}}, "splits the hidden size across programs for the LSTM family only"),
+                               ("gru", 40, {"kernel_options": {"block_h": 16}}, "splits the hidden size across programs for the LSTM family and the GRU with reset_after=True only"),
                                ("lstm", 8, {"kernel_options": {"blockb": 16}}, r"unknown kernel_options \['blockb'\]")):
         with pytest.raises(ValueError, match=words):
             lstm_lab.RNN(3, H, cell, impl="pallas", rngs=nnx.Rngs(0), **kw)
@@ -166,11 +166,12 @@ def test_auto_takes_the_kernel_where_the_table_says_and_falls_back(monkeypatch):
     assert not runs_kernel(8, jnp.float64)
 
 
-def test_hidden_split_across_programs_matches_scan():
+@pytest.mark.parametrize("name", ["fgr", "gru_reset_after"])
+def test_hidden_split_across_programs_matches_scan(name):
     """block_h < H: the hidden size split across programs (2 column blocks, 2 contraction chunks, 2 batch
-    tiles, reverse with lengths; FGR with peepholes: the h and the gate exchange), interpret mode running
-    the blocks in turn where a GPU runs them side by side with a barrier."""
-    name = "fgr"
+    tiles, reverse with lengths; FGR with peepholes: the h and the gate exchange; the GRU: b_hn and the
+    candidate's own product), interpret mode running the blocks in turn where a GPU runs them side by side
+    with a barrier."""
     spec = SPECS[name]
     case = _case(spec, T=5, B=20, H=24, seed=11)
     fn = lambda *a, **k: scan_cell_pallas(*a, **k, block_h=16, block_k=16)
@@ -196,8 +197,9 @@ def test_split_plan_and_streamed_weights():
     _assert_close(_run(fn, spec, *case, False), _run(scan_cell, spec, *case, False), 1e-5, "streamed")
 
 
-def test_hidden_split_lowers_to_triton_with_its_barrier():
-    spec = SPECS["vanilla"]
+@pytest.mark.parametrize("name", ["vanilla", "gru_reset_after"])
+def test_hidden_split_lowers_to_triton_with_its_barrier(name):
+    spec = SPECS[name]
     params, xp, carry0, lengths, _ = _case(spec, T=5, B=20, H=40, seed=1)
     f = lambda p, xp, c0: scan_cell_pallas(spec, p, xp, c0, lengths=lengths, interpret=False, block_h=16)[:2]
     g = jax.grad(lambda *a: sum(jnp.sum(v) for v in jax.tree.leaves(f(*a))), argnums=(0, 1, 2))

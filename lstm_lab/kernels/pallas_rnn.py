@@ -30,10 +30,11 @@ out. Everything is sliced back before the caller sees it, and autodiff handles t
 On GPU the kernel lowers to Triton (``jax.experimental.pallas``'s Triton backend); on any
 other backend it runs in Pallas interpret mode, which is how the test suite checks it
 against the scan. One program keeps the whole ``[G, H, H]`` recurrent matrix when it fits in
-:data:`SMEM_BUDGET` of shared memory; otherwise (LSTM family; or with ``block_h``) the hidden
-size is split across programs that exchange ``h`` (backward: ``d_pre``) through global memory
-and meet at a barrier every step ("Hidden size split across programs" below). A GRU whose
-weights do not fit is not taken (``pallas_unsupported`` says why; ``impl="auto"`` keeps the scan).
+:data:`SMEM_BUDGET` of shared memory; otherwise (LSTM family and the GRU with ``reset_after``;
+or with ``block_h``) the hidden size is split across programs that exchange ``h`` (backward:
+``d_pre``) through global memory and meet at a barrier every step ("Hidden size split across
+programs" below). Cho et al.'s GRU whose weights do not fit is not taken (``pallas_unsupported``
+says why; ``impl="auto"`` keeps the scan).
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def _weight_bytes(spec: CellSpec, Hp: int, bH: int, itemsize: int) -> int:
     return (len(spec.gate_names()) + k * k) * Hp * bH * itemsize
 
 
+def _splittable(spec: CellSpec) -> bool:
+    """The split schedule exchanges only h (backward: d_pre) between programs; Cho et al.'s GRU would also
+    need r * h exchanged in the middle of the step (a second barrier), which it does not do."""
+    return spec.family == "lstm" or spec.reset_after
+
+
 def _plan(spec: CellSpec, H: int, B: int, itemsize: int, block_b: int, block_h: int | None, sms: int,
           stream: bool | None):
     """(bB, bH, stream) for a launch, or a reason it cannot run.
@@ -82,7 +89,7 @@ def _plan(spec: CellSpec, H: int, B: int, itemsize: int, block_b: int, block_h: 
     bB = block_b if B > 16 else 16
     if block_h is not None:
         bH = min(block_h, Hp)
-    elif _weight_bytes(spec, Hp, Hp, itemsize) <= SMEM_BUDGET or spec.family != "lstm":
+    elif _weight_bytes(spec, Hp, Hp, itemsize) <= SMEM_BUDGET or not _splittable(spec):
         bH = Hp
     else:
         bH = Hp
@@ -96,9 +103,9 @@ def _plan(spec: CellSpec, H: int, B: int, itemsize: int, block_b: int, block_h: 
                     f"{_weight_bytes(spec, Hp, Hp, itemsize) // 1024} KiB exceed the {SMEM_BUDGET // 1024} KiB "
                     f"of shared memory it may take")
         return bB, bH, False
-    if spec.family != "lstm":
-        return (f"impl='pallas' splits the hidden size across programs for the LSTM family only; {spec.name!r} "
-                f"at hidden size {H} needs it")
+    if not _splittable(spec):
+        return (f"impl='pallas' splits the hidden size across programs for the LSTM family and the GRU with "
+                f"reset_after=True only; {spec.name!r} at hidden size {H} needs it")
     nh = Hp // bH
     if nh > sms:
         return (f"impl='pallas': {nh} column blocks of {bH} for hidden size {H} exceed the {sms} multiprocessors "
@@ -514,6 +521,8 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
         Rg = ([[_Weights(st, prm_refs["R_gates"], lambda ch, s_=s_, d=d: (s_, d, ch, cols)) for d in range(k_rec)]
                for s_ in range(k_rec)] if spec.full_gate_recurrence else None)
         peep = tuple(prm_refs["peep"][p_, cols] for p_ in range(len(spec.peephole_names()))) if spec.peepholes else ()
+        if spec.family == "gru":  # reset-after: the "peephole" slot carries b_hn
+            return (R, None, prm_refs["b_hn"][cols]), (c0[0][rows, cols],)
         init = [c0[0][rows, cols], c0[1][rows, cols]]
         if spec.full_gate_recurrence:
             init.append(tuple(c0[2][rows, s_, cols] for s_ in range(k_rec)))
@@ -532,6 +541,8 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
         for j, ((R, Rg, peep), _), carry in zip(blocks, owned, carries):
             cols = _columns(st, j)
             a = [xp_ref[t, rows, k, cols] for k in range(G)]
+            if spec.family == "gru":  # the third product is q = h @ R_n, which x_n does not enter
+                x_n, a[2] = a[2], jnp.zeros_like(a[2])
             for c, ch in enumerate(chunks):  # one chunk of h (and of FGR's gates) live at a time
                 h_c = prev_chunk(t, seq[0], c0[0], ch)
                 for k in range(G):
@@ -542,6 +553,14 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
                         for d, dst in enumerate(rec_names):
                             kd = names.index(dst)
                             a[kd] = a[kd] + _dot(g_c, Rg[s_][d](c), st.precision)
+            if spec.family == "gru":
+                new = _gru_out(st, {"b_hn": peep}, a[0], a[1], x_n, a[2], carry[0], m)
+                seq[0][t, rows, cols] = new[0]
+                if save:
+                    for k in range(G):
+                        pre_ref[t, rows, k, cols] = a[k]
+                new_carries.append(new)
+                continue
             a = dict(zip(names, a))
             new = _lstm_math(st, {"peep": peep}, a, carry, m)
             seq[0][t, rows, cols] = new[0]
@@ -569,16 +588,20 @@ def _split_bwd_kernel(st: _Static, *refs):
     rec_idx = [names.index(g) for g in rec_names]
     k_rec = len(rec_names)
     P = len(spec.peephole_names())
+    gru = spec.family == "gru"
     it = iter(refs)
-    pre_ref, mask_ref = next(it), next(it)
+    pre_ref = next(it)
+    xn_ref = next(it) if gru else None
+    mask_ref = next(it)
     prm_refs = dict(zip(_param_names(spec), [next(it) for _ in _param_names(spec)]))
     c0 = [next(it) for _ in fields]
     seq = [next(it) for _ in fields]
     dseq = [next(it) for _ in fields]
     _count_in = next(it)
     dxp_ref = next(it)
+    dq_ref = next(it) if gru else None
     dc0 = [next(it) for _ in fields]
-    dpeep_ref = next(it) if spec.peepholes else None
+    dpeep_ref = next(it) if spec.peepholes or gru else None  # GRU: b_hn's partial sums
     count_ref = next(it)
     b = pl.program_id(0)
     rows = pl.ds(b * st.bB, st.bB)
@@ -590,12 +613,14 @@ def _split_bwd_kernel(st: _Static, *refs):
         RT = [_Weights(st, prm_refs["R"], lambda ch, k=k: (k, cols, ch)) for k in range(G)]
         RgT = ([[_Weights(st, prm_refs["R_gates"], lambda ch, s_=s_, d=d: (s_, d, cols, ch)) for d in range(k_rec)]
                 for s_ in range(k_rec)] if spec.full_gate_recurrence else None)
-        peep = tuple(prm_refs["peep"][p_, cols] for p_ in range(P))
+        peep = (prm_refs["b_hn"][cols],) if gru else tuple(prm_refs["peep"][p_, cols] for p_ in range(P))
         return RT, RgT, peep
 
     owned = [own(j) for j in blocks]
 
     def load_carry(refs_, idx, cols):
+        if gru:
+            return (refs_[0][idx + (rows, cols)],)
         out = [refs_[0][idx + (rows, cols)], refs_[1][idx + (rows, cols)]]
         if spec.full_gate_recurrence:
             out.append(tuple(refs_[2][idx + (rows, s_, cols)] for s_ in range(k_rec)))
@@ -611,6 +636,17 @@ def _split_bwd_kernel(st: _Static, *refs):
             dcarry = jax.tree.map(jnp.add, dnext, load_carry(dseq, (t,), cols))
             prev = jax.tree.map(lambda s_, z: jnp.where(t > 0, s_, z), load_carry(seq, (tp,), cols),
                                 load_carry(c0, (), cols))
+            if gru:
+                a_r, a_u, q = (pre_ref[t, rows, k, cols] for k in range(3))
+                _, vjp = jax.vjp(lambda ar, au, xn, q_, h_, e_: _gru_out(st, {"b_hn": e_[0]}, ar, au, xn, q_, h_, m),
+                                 a_r, a_u, xn_ref[t, rows, cols], q, prev[0], peep)
+                da_r, da_u, dx_n, dq, dh, de = vjp(dcarry)
+                for k, v in enumerate((da_r, da_u, dx_n)):
+                    dxp_ref[t, rows, k, cols] = v
+                dq_ref[t, rows, cols] = dq
+                directs.append((dh,))
+                new_state.append(jax.tree.map(jnp.add, dpeep, de))
+                continue
             a = {name: pre_ref[t, rows, k, cols] for k, name in enumerate(names)}
             _, vjp = jax.vjp(lambda a_, c_, e_: _lstm_math(st, {"peep": e_}, a_, c_, m), a, prev, peep)
             da, dprev, de = vjp(dcarry)
@@ -626,13 +662,14 @@ def _split_bwd_kernel(st: _Static, *refs):
             dg = list(dprev[2]) if spec.full_gate_recurrence else None
             for c, ch in enumerate(chunks):  # one chunk of d_pre live at a time
                 for k in range(G):
-                    d_c = _shared_load(st, dxp_ref, (t, rows, k, ch))
+                    d_c = (_shared_load(st, dq_ref, (t, rows, ch)) if gru and k == 2 else
+                           _shared_load(st, dxp_ref, (t, rows, k, ch)))
                     dh = dh + _dot(d_c, RT[k](c), st.precision, _DOT_T)
                     if spec.full_gate_recurrence and k in rec_idx:
                         d = rec_idx.index(k)
                         for s_ in range(k_rec):
                             dg[s_] = dg[s_] + _dot(d_c, RgT[s_][d](c), st.precision, _DOT_T)
-            dnew = (dh, dprev[1]) + ((tuple(dg),) if spec.full_gate_recurrence else ())
+            dnew = (dh,) if gru else (dh, dprev[1]) + ((tuple(dg),) if spec.full_gate_recurrence else ())
             out.append((dnew, dpeep))
         return tuple(out)
 
@@ -645,6 +682,9 @@ def _split_bwd_kernel(st: _Static, *refs):
     for j, (dcarry0, dpeep) in zip(blocks, final):
         cols = _columns(st, j)
         dc0[0][rows, cols] = dcarry0[0]
+        if gru:
+            dpeep_ref[b, cols] = dpeep[0]
+            continue
         dc0[1][rows, cols] = dcarry0[1]
         if spec.full_gate_recurrence:
             for s_ in range(k_rec):
@@ -683,17 +723,22 @@ def _split_forward(st: _Static, save: bool, prm: tuple, xp4, carry0: tuple, mask
 
 def _split_backward(st: _Static, prm: tuple, res, dseq: tuple):
     spec = st.spec
-    pre, mask, carry0, seq, _ = res
+    pre, mask, carry0, seq, xn = res
     T, Bp, G, Hp = pre.shape
     nb = Bp // st.bB
     count = jnp.zeros((nb,), jnp.int32)
     out_shapes = [jax.ShapeDtypeStruct((T, Bp, G, Hp), jnp.float32)]
+    if spec.family == "gru":
+        out_shapes.append(jax.ShapeDtypeStruct((T, Bp, Hp), jnp.float32))
     out_shapes += [jax.ShapeDtypeStruct(c.shape, jnp.float32) for c in carry0]
     if spec.peepholes:
         out_shapes.append(jax.ShapeDtypeStruct((nb, len(spec.peephole_names()), Hp), jnp.float32))
+    if spec.reset_after:
+        out_shapes.append(jax.ShapeDtypeStruct((nb, Hp), jnp.float32))
     out_shapes.append(jax.ShapeDtypeStruct(count.shape, jnp.int32))
+    xs = [pre] if xn is None else [pre, xn]
     outs = _split_call(functools.partial(_split_bwd_kernel, st), st,
-                       [pre, mask, *prm, *carry0, *seq, *dseq, count], out_shapes)
+                       [*xs, mask, *prm, *carry0, *seq, *dseq, count], out_shapes)
     return list(outs[:-1])
 
 # ---------------------------------------------------------------------------
@@ -767,7 +812,8 @@ def fused_recurrence(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
       mask: ``[T, B]`` bool, step ``t`` of row ``b`` is valid (past it the carry is frozen).
       block_b: batch rows per program (a power of two, at least 16); raised when a split hidden
         size would otherwise make more programs than the GPU holds at once.
-      block_h: hidden columns per program (a power of two, at least 16; LSTM family): below the
+      block_h: hidden columns per program (a power of two, at least 16; LSTM family, GRU with
+        ``reset_after``): below the
         padded hidden size, the hidden size is split across programs that meet at a barrier every
         step. None: the whole hidden size in one program when its weights fit in
         :data:`SMEM_BUDGET`, else the widest column block whose weights fit.
