@@ -207,4 +207,5 @@ def test_hidden_split_lowers_to_triton_with_its_barrier(name):
     text = jax.export.export(jax.jit(g), platforms=["cuda"], disabled_checks=checks)(params, xp, carry0).mlir_module()
     assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 2
     assert "grid_y = 4" in text  # 64 padded columns / 16 per program
-    assert "atomic_rmw" in text and "while" in text  # the barrier: an atomic counter and a spin loop
+    # the barrier: CTA barriers around an atomic counter and a spin loop
+    assert "atomic_rmw" in text and "while" in text and "barrier" in text

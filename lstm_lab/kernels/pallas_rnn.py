@@ -476,11 +476,17 @@ def _shared_load(st: _Static, ref, idx):
 
 
 def _barrier(st: _Static, count_ref, b, target):
-    """Wait until ``count_ref[b]`` reaches ``target`` after adding this program's 1 (GPU only)."""
+    """Wait until ``count_ref[b]`` reaches ``target`` after adding this program's 1 (GPU only).
+
+    A CTA barrier first, so that every thread's stores of this step precede the (acquire-release,
+    GPU-scope) atomic that publishes them; another after the spin, so that no thread reads the other
+    programs' data before the counter said it is there."""
     from jax.experimental.pallas import triton as plgpu
+    plgpu.debug_barrier()
     plgpu.atomic_add(count_ref, (b,), jnp.int32(1))
     jax.lax.while_loop(lambda v: v < target, lambda v: plgpu.atomic_add(count_ref, (b,), jnp.int32(0)),
                        jnp.int32(0))
+    plgpu.debug_barrier()
 
 
 class _Weights:
