@@ -222,11 +222,12 @@ def scan_cell_pallas(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
                      lengths: jax.Array | None = None, reverse: bool = False, **kernel_options):
     """:func:`scan_cell` (without traces) as one fused Pallas kernel launch per direction.
 
-    LSTM family (any hidden size) and GRU (hidden size whose weights fit in
-    :data:`lstm_lab.kernels.pallas_rnn.SMEM_BUDGET`), float32 or bfloat16 weights. On GPU the kernel runs through Triton; elsewhere in Pallas interpret
+    LSTM family and the GRU with ``reset_after`` at any hidden size, Cho's GRU where its
+    weights fit one program (:data:`lstm_lab.kernels.pallas_rnn.SMEM_BUDGET`); float32 or
+    bfloat16 weights. On GPU the kernel runs through Triton; elsewhere in Pallas interpret
     mode (correct, slow: for tests). ``kernel_options`` go to
-    :func:`lstm_lab.kernels.pallas_rnn.fused_recurrence` (``block_b``, ``num_warps``,
-    ``interpret``, ``precision``).
+    :func:`lstm_lab.kernels.pallas_rnn.fused_recurrence` (``block_b``, ``block_h``,
+    ``block_k``, ``stream_weights``, ``num_warps``, ``interpret``, ``precision``).
     """
     from lstm_lab.kernels import pallas_rnn  # Pallas is imported only when the kernel runs
 
@@ -378,8 +379,8 @@ class RNN(nnx.Module):
         recurrent product in the backward (less memory for long sequences).
       kernel_options: with ``pallas``: ``block_b`` (batch rows per program, a power
         of two >= 16), ``block_h`` (split the hidden size across programs, for large
-        H), ``block_k``, ``num_warps``, ``interpret``, ``precision`` (see
-        :func:`lstm_lab.kernels.pallas_rnn.fused_recurrence`).
+        H), ``block_k``, ``stream_weights``, ``num_warps``, ``interpret``,
+        ``precision`` (see :func:`lstm_lab.kernels.pallas_rnn.fused_recurrence`).
       rngs: :class:`flax.nnx.Rngs` with a ``params`` stream (and ``dropout``
         when ``dropout > 0``).
 
