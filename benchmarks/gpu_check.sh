@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of impl="pallas", each part sized for one device call (< 10 minutes on an H100), from the
-# repo root:
+# The GPU checks of impl="pallas", each part meant to fit one device call (10 minutes; not yet run on a GPU,
+# so the sizes are estimates), from the repo root:
 #
 #   bash benchmarks/gpu_check.sh tests|speed|fgr|split16 [OUTDIR]   # OUTDIR default: $OUT, else benchmarks/results
 #

@@ -104,6 +104,8 @@ def main(argv=None):
     if not os.path.isdir(os.path.join(args.triton, "triton")):
         raise SystemExit(f"--triton {args.triton}: no triton package there; pip install --no-deps --target "
                          f"{args.triton} triton==3.6.0")
+    from lstm_lab.kernels import pallas_rnn
+
     opts = {"block_b": args.block_b, "num_warps": args.num_warps}
     if args.block_h:
         opts["block_h"] = args.block_h
@@ -121,8 +123,7 @@ def main(argv=None):
                         print(f"{T:>5} {B:>4} {H:>5} {cell:<5} {dtype:<9} not taken: {e}")
                         continue
                     bB, bH, stream = plan
-                    Hp = max(16, 1 << (H - 1).bit_length())
-                    programs = -(-B // bB) * (Hp // bH)
+                    programs = -(-B // bB) * (pallas_rnn._pow2(H) // bH)
                     for name, ir in zip(("fwd", "bwd"), irs):
                         path = os.path.join(tmp, f"{cell}_{dtype}_{shape}_{name}.ttir")
                         with open(path, "w") as f:

@@ -115,17 +115,25 @@ def _plan(spec: CellSpec, H: int, B: int, itemsize: int, block_b: int, block_h: 
     return bB, bH, (not fits) if stream is None else bool(stream)
 
 
-def pallas_unsupported(spec: CellSpec, hidden_size: int, dtype=None, param_dtype=None,
-                       block_h: int | None = None, batch: int = 16) -> str | None:
-    """Why ``impl="pallas"`` cannot run ``spec`` at ``hidden_size``, or None when it can."""
+def _family_and_dtypes(spec: CellSpec, **dtypes) -> str | None:
     if spec.family not in FAMILIES:
         return f"impl='pallas' supports the LSTM family and the GRU; {spec.name!r} is a {spec.family}"
-    for name, dt in (("dtype", dtype), ("param_dtype", param_dtype)):
+    for name, dt in dtypes.items():
         if dt is not None and jnp.dtype(dt).name not in _DTYPES:
             return f"impl='pallas' computes in float32, bfloat16 or float16; got {name}={jnp.dtype(dt).name}"
+    return None
+
+
+def pallas_unsupported(spec: CellSpec, hidden_size: int, dtype=None, param_dtype=None,
+                       block_h: int | None = None) -> str | None:
+    """Why ``impl="pallas"`` cannot run ``spec`` at ``hidden_size``, or None when it can."""
+    why = _family_and_dtypes(spec, dtype=dtype, param_dtype=param_dtype)
+    if why:
+        return why
     itemsize = jnp.dtype(dtype if dtype is not None else param_dtype if param_dtype is not None
                          else jnp.float32).itemsize
-    plan = _plan(spec, hidden_size, batch, itemsize, 16, block_h, SM_COUNT, None)
+    # the batch size does not decide whether it can run (batch tiles grow to fit), only the schedule
+    plan = _plan(spec, hidden_size, 16, itemsize, 16, block_h, SM_COUNT, None)
     return plan if isinstance(plan, str) else None
 
 
@@ -702,7 +710,7 @@ def _split_bwd_kernel(st: _Static, *refs):
 def _split_call(kernel, st: _Static, ins, out_shapes):
     """The split kernels index whole arrays themselves; the last output is the barrier counter, aliased
     to the last input (zeros)."""
-    nb = ins[1].shape[1] // st.bB  # mask [T, Bp]
+    nb = ins[-1].shape[0]  # the counter: one per batch tile
     kw = {}
     if not st.interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -835,8 +843,9 @@ def fused_recurrence(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
     Returns:
       ``(ys [T, B, H], final_carry)``; ``ys`` is zero where ``mask`` is False.
     """
-    if spec.family not in FAMILIES:
-        raise ValueError(f"impl='pallas' supports the LSTM family and the GRU; {spec.name!r} is a {spec.family}.")
+    why = _family_and_dtypes(spec, dtype=params["R"].dtype)
+    if why:
+        raise ValueError(why + ".")
     for name, v in (("block_b", block_b), ("block_h", block_h), ("block_k", block_k)):
         if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
             raise ValueError(f"fused_recurrence: {name} must be a power of two >= 16; got {v!r}.")
