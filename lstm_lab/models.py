@@ -70,9 +70,15 @@ class SequenceModel(nnx.Module):
         else:
             self.encoder = None
             rnn_in = input_size
-        self.rnn = RNN(rnn_in, cfg.hidden_size, spec, num_layers=cfg.num_layers, bidirectional=cfg.bidirectional,
-                       dropout=cfg.dropout, dtype=_DTYPES[cfg.dtype], forget_bias=cfg.forget_bias,
-                       chrono_init=cfg.chrono_init or None, unroll=cfg.unroll, rngs=rngs)
+        try:
+            self.rnn = RNN(rnn_in, cfg.hidden_size, spec, num_layers=cfg.num_layers,
+                           bidirectional=cfg.bidirectional, dropout=cfg.dropout, dtype=_DTYPES[cfg.dtype],
+                           forget_bias=cfg.forget_bias, chrono_init=cfg.chrono_init or None, unroll=cfg.unroll,
+                           impl=cfg.impl, rngs=rngs)
+        except ValueError as e:  # name the config field (RNN's messages name its own arguments)
+            if "impl" not in str(e):
+                raise
+            raise ValueError(f"model.impl={cfg.impl!r}: {e}") from None
         out_in = cfg.hidden_size * (2 if cfg.bidirectional else 1)
         if cfg.tie_weights:
             if input_kind != "tokens":

@@ -709,17 +709,35 @@ def _split_bwd_kernel(st: _Static, *refs):
 
 def _split_call(kernel, st: _Static, ins, out_shapes):
     """The split kernels index whole arrays themselves; the last output is the barrier counter, aliased
-    to the last input (zeros)."""
+    to the last input (zeros).
+
+    Under ``jax.vmap`` (a population of models) the members' launches run one after another
+    (``lax.map``) instead of as one launch with a population axis in its grid: the step barrier needs
+    every program of a launch resident at once, and the plan made room for one member's programs only
+    (K members' would exceed the SMs and spin forever)."""
     nb = ins[-1].shape[0]  # the counter: one per batch tile
     kw = {}
     if not st.interpret:
         from jax.experimental.pallas import triton as plgpu
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=st.num_warps, num_stages=1)
     whole = pl.BlockSpec(memory_space=pl.ANY)
-    return pl.pallas_call(kernel, grid=(nb, 1 if st.interpret else st.nh),
-                          in_specs=[whole] * len(ins), out_specs=[whole] * len(out_shapes), out_shape=out_shapes,
-                          input_output_aliases={len(ins) - 1: len(out_shapes) - 1}, interpret=st.interpret,
-                          **kw)(*ins)
+
+    @jax.custom_batching.custom_vmap
+    def launch(*ins):
+        return tuple(pl.pallas_call(kernel, grid=(nb, 1 if st.interpret else st.nh),
+                                    in_specs=[whole] * len(ins), out_specs=[whole] * len(out_shapes),
+                                    out_shape=out_shapes, input_output_aliases={len(ins) - 1: len(out_shapes) - 1},
+                                    interpret=st.interpret, **kw)(*ins))
+
+    @launch.def_vmap
+    def _members_in_turn(axis_size, in_batched, *ins):
+        def member(mapped):
+            it = iter(mapped)
+            return launch(*[next(it) if b else x for x, b in zip(ins, in_batched)])
+        outs = jax.lax.map(member, [x for x, b in zip(ins, in_batched) if b])
+        return outs, tuple(True for _ in outs)
+
+    return launch(*ins)
 
 
 def _split_forward(st: _Static, save: bool, prm: tuple, xp4, carry0: tuple, mask):
