@@ -222,8 +222,8 @@ def scan_cell_pallas(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
                      lengths: jax.Array | None = None, reverse: bool = False, **kernel_options):
     """:func:`scan_cell` (without traces) as one fused Pallas kernel launch per direction.
 
-    LSTM family and the GRU with ``reset_after`` at any hidden size, Cho's GRU where its
-    weights fit one program (:data:`lstm_lab.kernels.pallas_rnn.SMEM_BUDGET`); float32 or
+    LSTM family and the GRU (both forms); the hidden size is split across programs where the
+    weights do not fit one (:data:`lstm_lab.kernels.pallas_rnn.SMEM_BUDGET`); float32 or
     bfloat16 weights. On GPU the kernel runs through Triton; elsewhere in Pallas interpret
     mode (correct, slow: for tests). ``kernel_options`` go to
     :func:`lstm_lab.kernels.pallas_rnn.fused_recurrence` (``block_b``, ``block_h``,

@@ -140,9 +140,8 @@ def test_lowers_to_triton(name):
 
 def test_unsupported_is_refused():
     for cell, H, kw, words in (("mgu", 8, {}, "LSTM family and the GRU"),
-                               ("gru", 300, {}, "at hidden size 300 .* exceed the 200 KiB of shared memory"),
+                               ("gru", 4096, {}, "256 column blocks of 16 for hidden size 4096 exceed the 132"),
                                ("lstm", 8, {"dtype": jnp.float64}, "got dtype=float64"),
-                               ("gru", 40, {"kernel_options": {"block_h": 16}}, "splits the hidden size across programs for the LSTM family and the GRU with reset_after=True only"),
                                ("lstm", 8, {"kernel_options": {"blockb": 16}}, r"unknown kernel_options \['blockb'\]")):
         with pytest.raises(ValueError, match=words):
             lstm_lab.RNN(3, H, cell, impl="pallas", rngs=nnx.Rngs(0), **kw)
@@ -164,15 +163,17 @@ def test_auto_takes_the_kernel_where_the_table_says_and_falls_back(monkeypatch):
         return "pallas_call" in str(jax.make_jaxpr(lambda x: m(x.astype(dtype))[0])(x))
 
     assert runs_kernel(8)
-    assert not runs_kernel(300)  # a GRU's whole weights do not fit in one program's shared memory
+    assert runs_kernel(300)  # split across programs
     assert not runs_kernel(8, jnp.float64)
+    monkeypatch.setattr(pallas_rnn, "SM_COUNT", 4)
+    assert not runs_kernel(300)  # 16 column blocks would not all be resident on 4 multiprocessors
 
 
-@pytest.mark.parametrize("name", ["fgr", "gru_reset_after"])
+@pytest.mark.parametrize("name", ["fgr", "gru_reset_after", "gru"])
 def test_hidden_split_across_programs_matches_scan(name):
     """block_h < H: the hidden size split across programs (2 column blocks, 2 contraction chunks, 2 batch
-    tiles, reverse with lengths; FGR with peepholes: the h and the gate exchange; the GRU: b_hn and the
-    candidate's own product), interpret mode running the blocks in turn where a GPU runs them side by side
+    tiles, reverse with lengths; FGR with peepholes: the h and the gate exchange; the GRU with reset_after:
+    b_hn and the candidate's own product; Cho's GRU: r * h and dq exchanged mid-step), interpret mode running the blocks in turn where a GPU runs them side by side
     with a barrier."""
     spec = SPECS[name]
     case = _case(spec, T=5, B=20, H=24, seed=11)
@@ -191,6 +192,7 @@ def test_split_plan_and_streamed_weights():
     assert plan(lstm, 1024, 256, 2, 16, None, 132, None) == (128, 16, False)   # 64 blocks: 2 batch tiles
     assert plan(lstm, 1024, 64, 4, 16, None, 132, None) == (32, 16, True)      # 256 KiB even at 16 columns
     assert plan(fgr, 64, 8, 4, 16, None, 132, None) == (16, 32, False)         # R_gates count too
+    assert plan(SPECS["gru"], 256, 8, 4, 16, None, 132, None) == (16, 64, False)  # 3 gates: 192 KiB at 64
     assert plan(lstm, 1024, 512, 2, 16, 16, 132, None) == (256, 16, False)    # block_b raised to fit
     assert "256 column blocks of 16 for hidden size 4096 exceed the 132" in plan(lstm, 4096, 8, 2, 16, None, 132, None)
     spec = SPECS["lstm"]
@@ -199,7 +201,7 @@ def test_split_plan_and_streamed_weights():
     _assert_close(_run(fn, spec, *case, False), _run(scan_cell, spec, *case, False), 1e-5, "streamed")
 
 
-@pytest.mark.parametrize("name", ["vanilla", "gru_reset_after"])
+@pytest.mark.parametrize("name", ["vanilla", "gru_reset_after", "gru"])
 def test_hidden_split_lowers_to_triton_with_its_barrier(name):
     spec = SPECS[name]
     params, xp, carry0, lengths, _ = _case(spec, T=5, B=20, H=40, seed=1)

@@ -30,11 +30,10 @@ out. Everything is sliced back before the caller sees it, and autodiff handles t
 On GPU the kernel lowers to Triton (``jax.experimental.pallas``'s Triton backend); on any
 other backend it runs in Pallas interpret mode, which is how the test suite checks it
 against the scan. One program keeps the whole ``[G, H, H]`` recurrent matrix when it fits in
-:data:`SMEM_BUDGET` of shared memory; otherwise (LSTM family and the GRU with ``reset_after``;
-or with ``block_h``) the hidden size is split across programs that exchange ``h`` (backward:
-``d_pre``) through global memory and meet at a barrier every step ("Hidden size split across
-programs" below). Cho et al.'s GRU whose weights do not fit is not taken (``pallas_unsupported``
-says why; ``impl="auto"`` keeps the scan).
+:data:`SMEM_BUDGET` of shared memory; otherwise (or with ``block_h``) the hidden size is split
+across programs that exchange ``h`` (backward: ``d_pre``) through global memory and meet at a
+barrier every step ("Hidden size split across programs" below); Cho et al.'s GRU also exchanges
+``r * h`` (backward: ``dq``) in the middle of the step, at a second barrier.
 """
 
 from __future__ import annotations
@@ -71,25 +70,29 @@ def _weight_bytes(spec: CellSpec, Hp: int, bH: int, itemsize: int) -> int:
     return (len(spec.gate_names()) + k * k) * Hp * bH * itemsize
 
 
-def _splittable(spec: CellSpec) -> bool:
-    """The split schedule exchanges only h (backward: d_pre) between programs; Cho et al.'s GRU would also
-    need r * h exchanged in the middle of the step (a second barrier), which it does not do."""
-    return spec.family == "lstm" or spec.reset_after
+def _cho(spec: CellSpec) -> bool:
+    """Cho et al.'s GRU: its candidate's product ``(r * h) @ R_n`` needs ``r`` first."""
+    return spec.family == "gru" and not spec.reset_after
+
+
+def _barriers_per_step(spec: CellSpec) -> int:
+    """Step barriers of the split schedule: one (h, backward d_pre, exchanged after the step); Cho's GRU
+    two (forward: ``r * h`` in the middle of the step; backward: ``dq`` before ``ds = dq @ R_n^T``)."""
+    return 2 if _cho(spec) else 1
 
 
 def _plan(spec: CellSpec, H: int, B: int, itemsize: int, block_b: int, block_h: int | None, sms: int,
           stream: bool | None):
     """(bB, bH, stream) for a launch, or a reason it cannot run.
 
-    Whole H in one program when its weights fit in :data:`SMEM_BUDGET` (every family); else (LSTM family)
-    H split across programs, the widest column block whose weights fit (or 16 columns with the weights
+    Whole H in one program when its weights fit in :data:`SMEM_BUDGET`; else H split across programs, the widest column block whose weights fit (or 16 columns with the weights
     streamed), and batch tiles large enough that all programs fit on the ``sms`` multiprocessors at once.
     """
     Hp = _pow2(H)
     bB = block_b if B > 16 else 16
     if block_h is not None:
         bH = min(block_h, Hp)
-    elif _weight_bytes(spec, Hp, Hp, itemsize) <= SMEM_BUDGET or not _splittable(spec):
+    elif _weight_bytes(spec, Hp, Hp, itemsize) <= SMEM_BUDGET:
         bH = Hp
     else:
         bH = Hp
@@ -103,9 +106,6 @@ def _plan(spec: CellSpec, H: int, B: int, itemsize: int, block_b: int, block_h: 
                     f"{_weight_bytes(spec, Hp, Hp, itemsize) // 1024} KiB exceed the {SMEM_BUDGET // 1024} KiB "
                     f"of shared memory it may take")
         return bB, bH, False
-    if not _splittable(spec):
-        return (f"impl='pallas' splits the hidden size across programs for the LSTM family and the GRU with "
-                f"reset_after=True only; {spec.name!r} at hidden size {H} needs it")
     nh = Hp // bH
     if nh > sms:
         return (f"impl='pallas': {nh} column blocks of {bH} for hidden size {H} exceed the {sms} multiprocessors "
@@ -463,7 +463,9 @@ def _backward(st: _Static, prm: tuple, res, dseq: tuple):
 # spread over the programs (cuDNN's persistent kernels do the same). Per step the programs of a batch
 # tile exchange what the matmul needs through global memory — forward h_t (and FGR's gates_t), backward
 # d_pre_t — and meet at a barrier (an atomic counter per batch tile and a spin loop; the programs must
-# all be resident at once: at most one per SM). In interpret mode programs run one after another, so
+# all be resident at once: at most one per SM). Cho's GRU meets twice per step: forward after publishing
+# r_t * h_{t-1} (its candidate's product needs all of it), backward after publishing dq_t (ds = dq @ R_n^T
+# needs all of it, then r's gradient joins d_pre). In interpret mode programs run one after another, so
 # there the kernel runs every column block of a phase in turn inside one program instead of the
 # barrier: the same code computes each block, only the schedule differs.
 def _columns(st: _Static, j):
@@ -481,6 +483,13 @@ def _shared_load(st: _Static, ref, idx):
         return ref[idx]
     from jax.experimental.pallas import triton as plgpu
     return plgpu.load(ref.at[idx], volatile=True)
+
+
+def _sync(st: _Static, count_ref, b, target):
+    """The step barrier on a GPU; nothing in interpret mode (there one program runs every block of a
+    phase before the next phase)."""
+    if not st.interpret:
+        _barrier(st, count_ref, b, target)
 
 
 def _barrier(st: _Static, count_ref, b, target):
@@ -523,11 +532,13 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
     _count_in = next(it)
     seq = [next(it) for _ in fields]
     pre_ref = next(it) if save else None
+    s_ref = next(it) if _cho(spec) else None  # Cho's GRU: r * h of this step, [Bp, Hp]
     count_ref = next(it)
     b = pl.program_id(0)
     rows = pl.ds(b * st.bB, st.bB)
     blocks = range(st.nh) if st.interpret else [pl.program_id(1)]
     chunks = _chunks(st)
+    bars = _barriers_per_step(spec)
 
     def own(j):  # the weights (R_k[:, J], R_gates[s, d][:, J]) and the initial carry of column block j
         cols = _columns(st, j)
@@ -536,7 +547,7 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
                for s_ in range(k_rec)] if spec.full_gate_recurrence else None)
         peep = tuple(prm_refs["peep"][p_, cols] for p_ in range(len(spec.peephole_names()))) if spec.peepholes else ()
         if spec.family == "gru":  # reset-after: the "peephole" slot carries b_hn
-            return (R, None, prm_refs["b_hn"][cols]), (c0[0][rows, cols],)
+            return (R, None, prm_refs["b_hn"][cols] if spec.reset_after else None), (c0[0][rows, cols],)
         init = [c0[0][rows, cols], c0[1][rows, cols]]
         if spec.full_gate_recurrence:
             init.append(tuple(c0[2][rows, s_, cols] for s_ in range(k_rec)))
@@ -551,15 +562,16 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
 
     def body(t, carries):
         m = mask_ref[t, rows][:, None] > 0
-        new_carries = []
+        pres = []
         for j, ((R, Rg, peep), _), carry in zip(blocks, owned, carries):
             cols = _columns(st, j)
             a = [xp_ref[t, rows, k, cols] for k in range(G)]
-            if spec.family == "gru":  # the third product is q = h @ R_n, which x_n does not enter
+            x_n = None
+            if spec.family == "gru":  # the third product is q = h @ R_n (or (r*h) @ R_n), without x_n
                 x_n, a[2] = a[2], jnp.zeros_like(a[2])
             for c, ch in enumerate(chunks):  # one chunk of h (and of FGR's gates) live at a time
                 h_c = prev_chunk(t, seq[0], c0[0], ch)
-                for k in range(G):
+                for k in range(2 if _cho(spec) else G):
                     a[k] = a[k] + _dot(h_c, R[k](c), st.precision)
                 if spec.full_gate_recurrence:
                     for s_ in range(k_rec):
@@ -567,6 +579,17 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
                         for d, dst in enumerate(rec_names):
                             kd = names.index(dst)
                             a[kd] = a[kd] + _dot(g_c, Rg[s_][d](c), st.precision)
+            if _cho(spec):  # publish this block's r * h: every block's q needs all of it
+                s_ref[rows, cols] = _cells.gru_gates(a[0], a[1])[0] * carry[0]
+            pres.append((a, x_n))
+        if _cho(spec):
+            _sync(st, count_ref, b, (bars * t + 1) * st.nh)
+            for ((R, _, _), _), (a, _) in zip(owned, pres):
+                for c, ch in enumerate(chunks):
+                    a[2] = a[2] + _dot(_shared_load(st, s_ref, (rows, ch)), R[2](c), st.precision)
+        new_carries = []
+        for j, ((R, Rg, peep), _), carry, (a, x_n) in zip(blocks, owned, carries, pres):
+            cols = _columns(st, j)
             if spec.family == "gru":
                 new = _gru_out(st, {"b_hn": peep}, a[0], a[1], x_n, a[2], carry[0], m)
                 seq[0][t, rows, cols] = new[0]
@@ -586,8 +609,7 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
                 for k, name in enumerate(names):
                     pre_ref[t, rows, k, cols] = a[name]
             new_carries.append(new)
-        if not st.interpret:
-            _barrier(st, count_ref, b, (t + 1) * st.nh)
+        _sync(st, count_ref, b, bars * (t + 1) * st.nh)
         return tuple(new_carries)
 
     jax.lax.fori_loop(0, st.T, body, tuple(o[1] for o in owned))
@@ -615,19 +637,24 @@ def _split_bwd_kernel(st: _Static, *refs):
     dxp_ref = next(it)
     dq_ref = next(it) if gru else None
     dc0 = [next(it) for _ in fields]
-    dpeep_ref = next(it) if spec.peepholes or gru else None  # GRU: b_hn's partial sums
+    dpeep_ref = next(it) if spec.peepholes or spec.reset_after else None  # GRU: b_hn's partial sums
     count_ref = next(it)
     b = pl.program_id(0)
     rows = pl.ds(b * st.bB, st.bB)
     blocks = range(st.nh) if st.interpret else [pl.program_id(1)]
     chunks = _chunks(st)
+    cho = _cho(spec)
+    bars = _barriers_per_step(spec)
 
     def own(j):  # R_k[J, :] and R_gates[s, d][J, :] by chunks, peepholes of J
         cols = _columns(st, j)
         RT = [_Weights(st, prm_refs["R"], lambda ch, k=k: (k, cols, ch)) for k in range(G)]
         RgT = ([[_Weights(st, prm_refs["R_gates"], lambda ch, s_=s_, d=d: (s_, d, cols, ch)) for d in range(k_rec)]
                 for s_ in range(k_rec)] if spec.full_gate_recurrence else None)
-        peep = (prm_refs["b_hn"][cols],) if gru else tuple(prm_refs["peep"][p_, cols] for p_ in range(P))
+        if gru:
+            peep = (prm_refs["b_hn"][cols],) if spec.reset_after else ()
+        else:
+            peep = tuple(prm_refs["peep"][p_, cols] for p_ in range(P))
         return RT, RgT, peep
 
     owned = [own(j) for j in blocks]
@@ -652,13 +679,15 @@ def _split_bwd_kernel(st: _Static, *refs):
                                 load_carry(c0, (), cols))
             if gru:
                 a_r, a_u, q = (pre_ref[t, rows, k, cols] for k in range(3))
-                _, vjp = jax.vjp(lambda ar, au, xn, q_, h_, e_: _gru_out(st, {"b_hn": e_[0]}, ar, au, xn, q_, h_, m),
+                _, vjp = jax.vjp(lambda ar, au, xn, q_, h_, e_: _gru_out(st, {"b_hn": e_[0] if e_ else None},
+                                                                       ar, au, xn, q_, h_, m),
                                  a_r, a_u, xn_ref[t, rows, cols], q, prev[0], peep)
                 da_r, da_u, dx_n, dq, dh, de = vjp(dcarry)
                 for k, v in enumerate((da_r, da_u, dx_n)):
-                    dxp_ref[t, rows, k, cols] = v
+                    if not (cho and k == 0):  # Cho: r's gradient comes through s = r * h below
+                        dxp_ref[t, rows, k, cols] = v
                 dq_ref[t, rows, cols] = dq
-                directs.append((dh,))
+                directs.append((dh,) if not cho else (dh, da_r, a_r, prev[0]))
                 new_state.append(jax.tree.map(jnp.add, dpeep, de))
                 continue
             a = {name: pre_ref[t, rows, k, cols] for k, name in enumerate(names)}
@@ -668,14 +697,23 @@ def _split_bwd_kernel(st: _Static, *refs):
                 dxp_ref[t, rows, k, cols] = da[name]
             directs.append(dprev)
             new_state.append(jax.tree.map(jnp.add, dpeep, de))
-        if not st.interpret:
-            _barrier(st, count_ref, b, (i + 1) * st.nh)
+        if cho:  # q = s @ R_n with s = r * h: ds needs every block's dq, then r's gradient is published
+            _sync(st, count_ref, b, (bars * i + 1) * st.nh)
+            for n_, (j, (RT, _, _)) in enumerate(zip(blocks, owned)):
+                dh, da_r, a_r, h = directs[n_]
+                ds = sum(_dot(_shared_load(st, dq_ref, (t, rows, ch)), RT[2](c), st.precision, _DOT_T)
+                         for c, ch in enumerate(chunks))
+                _, vjp_s = jax.vjp(lambda ar, h_: _cells.gru_gates(ar, ar)[0] * h_, a_r, h)
+                dar_s, dh_s = vjp_s(ds)
+                dxp_ref[t, rows, 0, _columns(st, j)] = da_r + dar_s
+                directs[n_] = (dh + dh_s,)
+        _sync(st, count_ref, b, bars * (i + 1) * st.nh)
         out = []
         for (RT, RgT, _), dprev, dpeep in zip(owned, directs, new_state):
             dh = dprev[0]
             dg = list(dprev[2]) if spec.full_gate_recurrence else None
             for c, ch in enumerate(chunks):  # one chunk of d_pre live at a time
-                for k in range(G):
+                for k in range(2 if cho else G):
                     d_c = (_shared_load(st, dq_ref, (t, rows, ch)) if gru and k == 2 else
                            _shared_load(st, dxp_ref, (t, rows, k, ch)))
                     dh = dh + _dot(d_c, RT[k](c), st.precision, _DOT_T)
@@ -697,7 +735,8 @@ def _split_bwd_kernel(st: _Static, *refs):
         cols = _columns(st, j)
         dc0[0][rows, cols] = dcarry0[0]
         if gru:
-            dpeep_ref[b, cols] = dpeep[0]
+            if spec.reset_after:
+                dpeep_ref[b, cols] = dpeep[0]
             continue
         dc0[1][rows, cols] = dcarry0[1]
         if spec.full_gate_recurrence:
@@ -746,6 +785,8 @@ def _split_forward(st: _Static, save: bool, prm: tuple, xp4, carry0: tuple, mask
     out_shapes = [jax.ShapeDtypeStruct((T, *c.shape), jnp.float32) for c in carry0]
     if save:
         out_shapes.append(jax.ShapeDtypeStruct((T, Bp, G, Hp), jnp.float32))
+    if _cho(st.spec):  # r * h of the current step (one buffer: the step's second barrier guards its reuse)
+        out_shapes.append(jax.ShapeDtypeStruct((Bp, Hp), jnp.float32))
     out_shapes.append(jax.ShapeDtypeStruct(count.shape, jnp.int32))
     outs = _split_call(functools.partial(_split_fwd_kernel, st, save), st, [xp4, mask, *prm, *carry0, count],
                        out_shapes)
@@ -844,9 +885,7 @@ def fused_recurrence(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
       mask: ``[T, B]`` bool, step ``t`` of row ``b`` is valid (past it the carry is frozen).
       block_b: batch rows per program (a power of two, at least 16); raised when a split hidden
         size would otherwise make more programs than the GPU holds at once.
-      block_h: hidden columns per program (a power of two, at least 16; LSTM family, GRU with
-        ``reset_after``): below the
-        padded hidden size, the hidden size is split across programs that meet at a barrier every
+      block_h: hidden columns per program (a power of two, at least 16): below the padded hidden size, the hidden size is split across programs that meet at a barrier every
         step. None: the whole hidden size in one program when its weights fit in
         :data:`SMEM_BUDGET`, else the widest column block whose weights fit.
       block_k: with a split hidden size, the contraction chunk of the recurrent matmuls.
