@@ -24,9 +24,9 @@ load from other processes falls on all of them alike.
 
 Output, one line per measurement: ``T B H dtype impl cell ms ratio vs_lstm`` where
 
-* ``ratio`` = reference ms / ms, the reference being torch LSTM for LSTM-family cells and torch
-  GRU for ``gru`` (same shape and dtype; > 1 is faster than torch; blank for ``mgu``/``rnn``,
-  which torch has no counterpart for here);
+* ``ratio`` = reference ms / ms, the reference being torch LSTM for LSTM-family cells, torch
+  GRU for ``gru`` and torch's tanh RNN for ``rnn`` (same shape and dtype; > 1 is faster than torch;
+  blank for ``mgu``, which torch has no counterpart for);
 * ``vs_lstm`` = ms / the ``lstm`` cell's ms with the same impl, shape and dtype (the "within 1.15x
   of lstm" target). ``lstm`` is always measured for this, whatever ``--cells`` says.
 
@@ -192,7 +192,7 @@ def torch_step(cell, T, B, H, dtype_name):
 
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     torch.manual_seed(0)
-    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
+    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell]  # nn.RNN: tanh
     model = cls(H, H, num_layers=1, batch_first=True).to(tdtype)
     x_np, g_np = data(T, B, H)
     x = torch.from_numpy(x_np).to(tdtype).requires_grad_(True)
@@ -219,7 +219,7 @@ def reference_cell(cell: str):
     import lstm_lab
 
     fam = lstm_lab.VARIANTS[cell].family
-    return {"lstm": "lstm", "gru": "gru"}.get(fam)
+    return {"lstm": "lstm", "gru": "gru", "rnn": "rnn"}.get(fam)
 
 
 def machine_facts(args) -> dict:
@@ -330,8 +330,7 @@ def main(argv=None):
                     help="jax_default_matmul_precision for every lstm_lab and Flax row: on GPU 'default' lets "
                          "float32 matmuls use TF32 (scan and the pallas kernel alike), 'highest' does not")
     ap.add_argument("--block-b", type=int, default=16, help="pallas: batch rows per program")
-    ap.add_argument("--block-h", type=int, help="pallas: hidden columns per program (split H across programs; "
-                                                "LSTM family)")
+    ap.add_argument("--block-h", type=int, help="pallas: hidden columns per program (split H across programs)")
     ap.add_argument("--block-k", type=int, default=64, help="pallas with --block-h: contraction chunk")
     ap.add_argument("--num-warps", type=int, help="pallas: Triton warps per program (default: by H)")
     ap.add_argument("--repeats", type=int, default=20, help="timed runs; the median is reported")
@@ -434,7 +433,7 @@ def main(argv=None):
             # (impl, cell, make, torch reference key, is the torch reference, is the vs_lstm reference)
             todo = []
             if have_torch:
-                for tcell in ("lstm", "gru"):
+                for tcell in ("lstm", "gru", "rnn"):
                     if any(reference_cell(c) == tcell for c in cells):
                         todo.append(("torch", tcell, lambda tcell=tcell: torch_step(tcell, T, B, H, dtype),
                                      tcell, True, tcell == "lstm"))

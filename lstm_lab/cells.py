@@ -425,6 +425,22 @@ def gru_candidate(spec: CellSpec, x_n, q, r, u, h_prev, b_hn=None):
     return n, (1.0 - u) * n + u * h_prev
 
 
+def mgu_gate(a_f: jax.Array) -> jax.Array:
+    """MGU's forget gate from its pre-activation."""
+    return jax.nn.sigmoid(a_f)
+
+
+def mgu_candidate(x_n, q, f, h_prev):
+    """MGU candidate and output. ``q`` is ``R_n (f * h_prev)``."""
+    n = jnp.tanh(x_n + q)
+    return n, (1.0 - f) * h_prev + f * n
+
+
+def rnn_pointwise(a: jax.Array) -> jax.Array:
+    """The tanh RNN's output from its pre-activation ``x W + b + h R``."""
+    return jnp.tanh(a)
+
+
 def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *, trace: bool = False,
          rec: jax.Array | None = None):
     """One time step of the cell ``spec``: ``(params, carry, xp_t) -> (carry, y_t[, trace])``.
@@ -484,13 +500,12 @@ def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *
         R = params["R"]
         H = h_prev.shape[-1]
         x = _split(xp_t, ("f", "n"))
-        f = jax.nn.sigmoid(x["f"] + _mm(h_prev, R[:, :H], acc))
-        n = jnp.tanh(x["n"] + _mm(f * h_prev, R[:, H:], acc))
-        y = (1.0 - f) * h_prev + f * n
+        f = mgu_gate(x["f"] + _mm(h_prev, R[:, :H], acc))
+        n, y = mgu_candidate(x["n"], _mm(f * h_prev, R[:, H:], acc), f, h_prev)
         new_carry = HiddenState(y)
         tr = {"f": f, "n": n, "h": y} if trace else None
     else:  # rnn
-        y = jnp.tanh(xp_t + _mm(h_prev, params["R"], acc))
+        y = rnn_pointwise(xp_t + _mm(h_prev, params["R"], acc))
         new_carry = HiddenState(y)
         tr = {"h": y} if trace else None
     if trace:

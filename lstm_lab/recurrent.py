@@ -222,7 +222,7 @@ def scan_cell_pallas(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
                      lengths: jax.Array | None = None, reverse: bool = False, **kernel_options):
     """:func:`scan_cell` (without traces) as one fused Pallas kernel launch per direction.
 
-    LSTM family and the GRU (both forms); the hidden size is split across programs where the
+    Every cell (LSTM family, GRU in both forms, MGU, tanh RNN); the hidden size is split across programs where the
     weights do not fit one (:data:`lstm_lab.kernels.pallas_rnn.SMEM_BUDGET`); float32 or
     bfloat16 weights. On GPU the kernel runs through Triton; elsewhere in Pallas interpret
     mode (correct, slow: for tests). ``kernel_options`` go to
@@ -372,7 +372,7 @@ class RNN(nnx.Module):
       impl: ``"auto"`` (see :func:`resolve_impl`), ``"scan"`` (``lax.scan`` of the
         step, autodiff backward), ``"scan_vjp"`` (LSTM family: the same forward
         with a custom backward that keeps the weight gradients out of the loop) or
-        ``"pallas"`` (LSTM family and GRU: the whole loop in one Pallas kernel launch,
+        ``"pallas"`` (every cell: the whole loop in one Pallas kernel launch,
         forward and backward; Triton on GPU, interpret mode elsewhere; see
         :func:`scan_cell_pallas`).
       remat: with ``scan_vjp``, save only the step inputs and recompute the

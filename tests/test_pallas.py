@@ -26,7 +26,7 @@ def _exact_float32_matmuls():
         yield
 
 
-# Every LSTM-family flag appears in at least one spec, the GRU in both forms.
+# Every LSTM-family flag appears in at least one spec, the GRU in both forms, the MGU and the tanh RNN.
 SPECS = {
     "lstm": cells.VARIANTS["lstm"],
     "vanilla": cells.VARIANTS["vanilla"],                                    # peepholes on i, f, o
@@ -36,6 +36,8 @@ SPECS = {
     "fgr": cells.VARIANTS["fgr"],
     "gru": cells.VARIANTS["gru"],
     "gru_reset_after": CellSpec(family="gru", reset_after=True),
+    "mgu": cells.VARIANTS["mgu"],
+    "rnn": cells.VARIANTS["rnn"],
 }
 
 
@@ -123,8 +125,7 @@ def test_layer_bidirectional_bf16():
         assert _rel(a, c) <= 1.25 * _rel(b, c) + 1e-6
 
 
-@pytest.mark.parametrize("name", [n for n, s in cells.VARIANTS.items() if s.family in ("lstm", "gru")]
-                         + ["gru_reset_after"])
+@pytest.mark.parametrize("name", list(cells.VARIANTS) + ["gru_reset_after"])
 def test_lowers_to_triton(name):
     """Forward and backward lower to Triton kernels for CUDA (no GPU needed to lower): every primitive the
     cell math uses has a Triton lowering, and the forward is one kernel launch, forward+backward two."""
@@ -139,8 +140,7 @@ def test_lowers_to_triton(name):
 
 
 def test_unsupported_is_refused():
-    for cell, H, kw, words in (("mgu", 8, {}, "LSTM family and the GRU"),
-                               ("gru", 4096, {}, "256 column blocks of 16 for hidden size 4096 exceed the 132"),
+    for cell, H, kw, words in (("gru", 4096, {}, "256 column blocks of 16 for hidden size 4096 exceed the 132"),
                                ("lstm", 8, {"dtype": jnp.float64}, "got dtype=float64"),
                                ("lstm", 8, {"kernel_options": {"blockb": 16}}, r"unknown kernel_options \['blockb'\]")):
         with pytest.raises(ValueError, match=words):
@@ -169,11 +169,12 @@ def test_auto_takes_the_kernel_where_the_table_says_and_falls_back(monkeypatch):
     assert not runs_kernel(300)  # 16 column blocks would not all be resident on 4 multiprocessors
 
 
-@pytest.mark.parametrize("name", ["fgr", "gru_reset_after", "gru"])
+@pytest.mark.parametrize("name", ["fgr", "gru_reset_after", "gru", "mgu", "rnn"])
 def test_hidden_split_across_programs_matches_scan(name):
     """block_h < H: the hidden size split across programs (2 column blocks, 2 contraction chunks, 2 batch
     tiles, reverse with lengths; FGR with peepholes: the h and the gate exchange; the GRU with reset_after:
-    b_hn and the candidate's own product; Cho's GRU: r * h and dq exchanged mid-step), interpret mode running the blocks in turn where a GPU runs them side by side
+    b_hn and the candidate's own product; Cho's GRU and the MGU: r * h (f * h) and dq exchanged mid-step;
+    the RNN: one gate, no cell state), interpret mode running the blocks in turn where a GPU runs them side by side
     with a barrier."""
     spec = SPECS[name]
     case = _case(spec, T=5, B=20, H=24, seed=11)
@@ -201,7 +202,7 @@ def test_split_plan_and_streamed_weights():
     _assert_close(_run(fn, spec, *case, False), _run(scan_cell, spec, *case, False), 1e-5, "streamed")
 
 
-@pytest.mark.parametrize("name", ["vanilla", "gru_reset_after", "gru"])
+@pytest.mark.parametrize("name", ["vanilla", "gru_reset_after", "gru", "mgu"])
 def test_hidden_split_lowers_to_triton_with_its_barrier(name):
     spec = SPECS[name]
     params, xp, carry0, lengths, _ = _case(spec, T=5, B=20, H=40, seed=1)
@@ -258,15 +259,15 @@ def test_population_of_split_kernels_launches_members_in_turn():
 
 def test_training_population_with_model_impl_pallas(tmp_path):
     """`model.impl: pallas` reaches the kernel from a config, through a vmapped population: its members end
-    with the metrics of the same population on the scan (to 1e-5); a cell the kernel lacks is refused by
+    with the metrics of the same population on the scan (to 1e-5); a dtype the kernel lacks is refused by
     config field name."""
     from lstm_lab.config import Config, apply_overrides
     from lstm_lab.population import train_population
     from lstm_lab.training import train
 
-    base = {"task.name": "copy", "task.options": {"T": 2}, "model.hidden_size": 12, "model.cell": "vanilla",
-            "optim.name": "adam", "train.batch_size": 8, "train.steps": 4, "train.eval_every": 4,
-            "train.log_every": 2, "train.eval_batch_size": 64}
+    base = {"task.name": "copy", "task.options": {"T": 1}, "model.hidden_size": 12, "model.cell": "rnn",
+            "optim.name": "adam", "train.batch_size": 8, "train.steps": 3, "train.eval_every": 3,
+            "train.log_every": 3, "train.eval_batch_size": 16}
     runs = {}
     for impl in ("pallas", "scan"):
         cfgs = [apply_overrides(Config(), {**base, "model.impl": impl, "optim.learning_rate": lr, "train.seed": s})
@@ -277,6 +278,6 @@ def test_training_population_with_model_impl_pallas(tmp_path):
         for k, v in want["test"].items():
             assert abs(got["test"][k] - v) <= 1e-5 * max(abs(v), 1e-12), (k, got["test"][k], v)
     assert runs["pallas"][0]["test"]["loss"] != runs["pallas"][1]["test"]["loss"]
-    with pytest.raises(ValueError, match=r"model.impl='pallas': .*'mgu'"):
-        train(apply_overrides(Config(), {**base, "model.impl": "pallas", "model.cell": "mgu"}), tmp_path / "m",
+    with pytest.raises(ValueError, match=r"model.impl='pallas': .*got dtype=float64"):
+        train(apply_overrides(Config(), {**base, "model.impl": "pallas", "model.dtype": "float64"}), tmp_path / "m",
               quiet=True)

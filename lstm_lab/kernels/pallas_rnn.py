@@ -16,8 +16,10 @@ big matmul::
             write da (= dxp[t])
     after the loop: dR = h_prev^T @ da over all (t, b) at once, dR_gates likewise.
 
-The elementwise math is :func:`lstm_lab.cells.lstm_pointwise` / :func:`~lstm_lab.cells.gru_gates`
-/ :func:`~lstm_lab.cells.gru_candidate`, the same functions :func:`lstm_lab.cells.step` runs,
+The elementwise math is :func:`lstm_lab.cells.lstm_pointwise`, :func:`~lstm_lab.cells.gru_gates`,
+:func:`~lstm_lab.cells.gru_candidate`, :func:`~lstm_lab.cells.mgu_gate`,
+:func:`~lstm_lab.cells.mgu_candidate`, :func:`~lstm_lab.cells.rnn_pointwise`: the functions
+:func:`lstm_lab.cells.step` runs,
 and its backward is their ``jax.vjp`` traced into the kernel, so every flag combination is
 covered by construction.
 
@@ -32,8 +34,8 @@ other backend it runs in Pallas interpret mode, which is how the test suite chec
 against the scan. One program keeps the whole ``[G, H, H]`` recurrent matrix when it fits in
 :data:`SMEM_BUDGET` of shared memory; otherwise (or with ``block_h``) the hidden size is split
 across programs that exchange ``h`` (backward: ``d_pre``) through global memory and meet at a
-barrier every step ("Hidden size split across programs" below); Cho et al.'s GRU also exchanges
-``r * h`` (backward: ``dq``) in the middle of the step, at a second barrier.
+barrier every step ("Hidden size split across programs" below); Cho et al.'s GRU and the MGU also
+exchange ``r * h`` / ``f * h`` (backward: ``dq``) in the middle of the step, at a second barrier.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ __all__ = ["fused_recurrence", "pallas_unsupported", "SMEM_BUDGET"]
 # at H=128 bfloat16 (fit), 264 KiB at H=128 float32 (does not).
 SMEM_BUDGET = 200 * 1024
 SM_COUNT = 132  # H100; on a GPU the device's own count is used
-FAMILIES = ("lstm", "gru")
+FAMILIES = ("lstm", "gru", "mgu", "rnn")
 _DOT_T = (((1,), (1,)), ((), ()))  # a @ b^T
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -70,9 +72,15 @@ def _weight_bytes(spec: CellSpec, Hp: int, bH: int, itemsize: int) -> int:
     return (len(spec.gate_names()) + k * k) * Hp * bH * itemsize
 
 
+def _cand(spec: CellSpec) -> bool:
+    """GRU and MGU: gate products, then the candidate's own product ``q`` (its gate index is the last)."""
+    return spec.family in ("gru", "mgu")
+
+
 def _cho(spec: CellSpec) -> bool:
-    """Cho et al.'s GRU: its candidate's product ``(r * h) @ R_n`` needs ``r`` first."""
-    return spec.family == "gru" and not spec.reset_after
+    """Cho et al.'s GRU and the MGU: the candidate's product ``(r * h) @ R_n`` needs the gate ``r`` (the
+    MGU's ``f``) first."""
+    return _cand(spec) and not spec.reset_after
 
 
 def _barriers_per_step(spec: CellSpec) -> int:
@@ -101,7 +109,7 @@ def _plan(spec: CellSpec, H: int, B: int, itemsize: int, block_b: int, block_h: 
     fits = _weight_bytes(spec, Hp, bH, itemsize) <= SMEM_BUDGET
     if bH == Hp:
         if not fits:
-            return (f"impl='pallas' runs the {spec.family.upper() if spec.family == 'gru' else spec.name} "
+            return (f"impl='pallas' runs the {spec.name} "
                     f"with the whole recurrent matrix in one program, and at hidden size {H} (padded {Hp}) its "
                     f"{_weight_bytes(spec, Hp, Hp, itemsize) // 1024} KiB exceed the {SMEM_BUDGET // 1024} KiB "
                     f"of shared memory it may take")
@@ -117,7 +125,7 @@ def _plan(spec: CellSpec, H: int, B: int, itemsize: int, block_b: int, block_h: 
 
 def _family_and_dtypes(spec: CellSpec, **dtypes) -> str | None:
     if spec.family not in FAMILIES:
-        return f"impl='pallas' supports the LSTM family and the GRU; {spec.name!r} is a {spec.family}"
+        return f"impl='pallas' supports the {', '.join(FAMILIES)} families; {spec.name!r} is a {spec.family}"
     for name, dt in dtypes.items():
         if dt is not None and jnp.dtype(dt).name not in _DTYPES:
             return f"impl='pallas' computes in float32, bfloat16 or float16; got {name}={jnp.dtype(dt).name}"
@@ -229,12 +237,13 @@ def _call(kernel, st: _Static, ins, in_specs, out_shapes, out_specs, Bp):
 # The step math on tiles (shared by forward and backward)
 # ---------------------------------------------------------------------------
 def _recurrent(st: _Static, prm, h, gates):
-    """Per gate k: the recurrent part of the pre-activation (LSTM: h @ R_k + FGR; GRU: r, u only)."""
+    """Per gate k: the recurrent part of the pre-activation (LSTM: h @ R_k + FGR; RNN: h @ R; GRU, MGU:
+    the gates before the candidate only)."""
     spec = st.spec
     names = spec.gate_names()
     R = prm["R"]
-    if spec.family == "gru":
-        return {k: _dot(h, R[j], st.precision) for j, k in enumerate(("r", "u"))}
+    if _cand(spec):
+        return {k: _dot(h, R[j], st.precision) for j, k in enumerate(names[:-1])}
     rec = {k: _dot(h, R[j], st.precision) for j, k in enumerate(names)}
     if spec.full_gate_recurrence:
         Rg = prm["R_gates"]
@@ -245,9 +254,12 @@ def _recurrent(st: _Static, prm, h, gates):
     return rec
 
 
-def _lstm_math(st: _Static, prm, a, carry, m):
-    """Masked LSTM-family step from pre-activations: new carry tuple."""
+def _direct_math(st: _Static, prm, a, carry, m):
+    """Masked step of a cell whose pre-activations are all ``xp + h @ R_k`` (LSTM family, tanh RNN): new
+    carry tuple."""
     spec = st.spec
+    if spec.family == "rnn":
+        return (jnp.where(m, _cells.rnn_pointwise(a[spec.gate_names()[0]]), carry[0]),)
     peep = {}
     if spec.peepholes:
         peep = {p: prm["peep"][j] for j, p in enumerate(spec.peephole_names())}
@@ -258,10 +270,20 @@ def _lstm_math(st: _Static, prm, a, carry, m):
     return tuple(jax.tree.map(lambda n, o: jnp.where(m, n, o), tuple(new), tuple(carry)))
 
 
-def _gru_out(st: _Static, prm, a_r, a_u, x_n, q, h, m):
-    r, u = _cells.gru_gates(a_r, a_u)
-    _, y = _cells.gru_candidate(st.spec, x_n, q, r, u, h, prm.get("b_hn"))
+def _cand_out(st: _Static, prm, gates, x_n, q, h, m):
+    """Masked GRU / MGU step from the gates' pre-activations (a tuple), ``x_n`` and the candidate's
+    product ``q``: new carry tuple."""
+    if st.spec.family == "gru":
+        r, u = _cells.gru_gates(*gates)
+        _, y = _cells.gru_candidate(st.spec, x_n, q, r, u, h, prm.get("b_hn"))
+    else:
+        _, y = _cells.mgu_candidate(x_n, q, _cells.mgu_gate(gates[0]), h)
     return (jnp.where(m, y, h),)
+
+
+def _reset(spec: CellSpec, a0):
+    """The gate that multiplies h before the candidate's product: Cho's GRU's r, the MGU's f."""
+    return _cells.gru_gates(a0, a0)[0] if spec.family == "gru" else _cells.mgu_gate(a0)
 
 
 # ---------------------------------------------------------------------------
@@ -292,17 +314,15 @@ def _fwd_kernel(st: _Static, save: bool, *refs):
         m = mask_ref[t][:, None] > 0
         h = carry[0]
         rec = _recurrent(st, prm, h, carry[2] if spec.full_gate_recurrence else None)
-        if spec.family == "lstm":
+        if not _cand(spec):
             a = {k: xp_ref[t, :, j, :] + rec[k] for j, k in enumerate(spec.gate_names())}
-            new = _lstm_math(st, prm, a, carry, m)
+            new = _direct_math(st, prm, a, carry, m)
             pres = [a[k] for k in spec.gate_names()]
         else:
-            a_r = xp_ref[t, :, 0, :] + rec["r"]
-            a_u = xp_ref[t, :, 1, :] + rec["u"]
-            r, _ = _cells.gru_gates(a_r, a_u)
-            q = _dot(h if spec.reset_after else r * h, prm["R"][2], st.precision)
-            new = _gru_out(st, prm, a_r, a_u, xp_ref[t, :, 2, :], q, h, m)
-            pres = [a_r, a_u, q]
+            ag = tuple(xp_ref[t, :, j, :] + rec[k] for j, k in enumerate(spec.gate_names()[:-1]))
+            q = _dot(h if spec.reset_after else _reset(spec, ag[0]) * h, prm["R"][G - 1], st.precision)
+            new = _cand_out(st, prm, ag, xp_ref[t, :, G - 1, :], q, h, m)
+            pres = [*ag, q]
         for f, v in zip(fields, new):
             if f == "gates":
                 for s in range(k_rec):
@@ -344,14 +364,14 @@ def _bwd_kernel(st: _Static, *refs):
     k_rec = len(spec.recurrent_gate_names())
     it = iter(refs)
     pre_ref = next(it)
-    xn_ref = next(it) if spec.family == "gru" else None  # the GRU's x_n is not in pre (a_r, a_u, q)
+    xn_ref = next(it) if _cand(spec) else None  # GRU/MGU: x_n is not in pre (gates, q)
     mask_ref = next(it)
     prm = _load_params(spec, [next(it) for _ in pnames])
     c0 = [next(it) for _ in fields]
     seq = [next(it) for _ in fields]
     dseq = [next(it) for _ in fields]
     dxp_ref = next(it)
-    dq_ref = next(it) if spec.family == "gru" else None
+    dq_ref = next(it) if _cand(spec) else None
     dc0 = [next(it) for _ in fields]
     dpeep_ref = next(it) if spec.peepholes else None
     dbhn_ref = next(it) if spec.reset_after else None
@@ -375,9 +395,9 @@ def _bwd_kernel(st: _Static, *refs):
         m = mask_ref[t][:, None] > 0
         dcarry = tuple(jax.tree.map(jnp.add, d, load(f, dr, (t,))) for f, d, dr in zip(fields, dnext, dseq))
         prev = prev_carry(t)
-        if spec.family == "lstm":
+        if not _cand(spec):
             a = {k: pre_ref[t, :, j, :] for j, k in enumerate(names)}
-            _, vjp = jax.vjp(lambda a_, c_, e_: _lstm_math(st, {**prm, **e_}, a_, c_, m), a, prev, ew)
+            _, vjp = jax.vjp(lambda a_, c_, e_: _direct_math(st, {**prm, **e_}, a_, c_, m), a, prev, ew)
             da, dprev, de = vjp(dcarry)
             dxs = [da[k] for k in names]
             dh = dprev[0]
@@ -394,20 +414,22 @@ def _bwd_kernel(st: _Static, *refs):
             dprev[0] = dh
         else:
             h = prev[0]
-            a_r, a_u, q = (pre_ref[t, :, j, :] for j in range(3))
-            x_n = xn_ref[t]
-            _, vjp = jax.vjp(lambda ar, au, xn, q_, h_, e_: _gru_out(st, {**prm, **e_}, ar, au, xn, q_, h_, m),
-                             a_r, a_u, x_n, q, h, ew)
-            da_r, da_u, dx_n, dq, dh, de = vjp(dcarry)
+            ag = tuple(pre_ref[t, :, j, :] for j in range(G - 1))
+            q = pre_ref[t, :, G - 1, :]
+            _, vjp = jax.vjp(lambda g_, xn, q_, h_, e_: _cand_out(st, {**prm, **e_}, g_, xn, q_, h_, m),
+                             ag, xn_ref[t], q, h, ew)
+            dg, dx_n, dq, dh, de = vjp(dcarry)
+            dg = list(dg)
             if spec.reset_after:
-                dh = dh + _dot(dq, R[2], st.precision, _DOT_T)
+                dh = dh + _dot(dq, R[G - 1], st.precision, _DOT_T)
             else:  # q = (r * h) @ R_n: through s = r * h back to a_r and h
-                ds = _dot(dq, R[2], st.precision, _DOT_T)
-                _, vjp_s = jax.vjp(lambda ar, h_: _cells.gru_gates(ar, ar)[0] * h_, a_r, h)
-                dar_s, dh_s = vjp_s(ds)
-                da_r, dh = da_r + dar_s, dh + dh_s
-            dh = dh + _dot(da_r, R[0], st.precision, _DOT_T) + _dot(da_u, R[1], st.precision, _DOT_T)
-            dxs = [da_r, da_u, dx_n]
+                ds = _dot(dq, R[G - 1], st.precision, _DOT_T)
+                _, vjp_s = jax.vjp(lambda a0, h_: _reset(spec, a0) * h_, ag[0], h)
+                da0_s, dh_s = vjp_s(ds)
+                dg[0], dh = dg[0] + da0_s, dh + dh_s
+            for j in range(G - 1):
+                dh = dh + _dot(dg[j], R[j], st.precision, _DOT_T)
+            dxs = [*dg, dx_n]
             dq_ref[t] = dq
             dprev = [dh]
         for j in range(G):
@@ -440,7 +462,7 @@ def _backward(st: _Static, prm: tuple, res, dseq: tuple):
                 + [_full_spec(p.shape) for p in prm] + [_tile_spec(c.shape, st.bB, 0) for c in carry0]
                 + [_tile_spec(s.shape, st.bB, 1) for s in (*seq, *dseq)])
     out_shapes = [jax.ShapeDtypeStruct((T, Bp, G, Hp), jnp.float32)]
-    if spec.family == "gru":
+    if _cand(spec):
         out_shapes.append(jax.ShapeDtypeStruct((T, Bp, Hp), jnp.float32))
     out_specs = [_tile_spec(s.shape, st.bB, 1) for s in out_shapes]
     out_shapes += [jax.ShapeDtypeStruct(c.shape, jnp.float32) for c in carry0]
@@ -546,9 +568,9 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
         Rg = ([[_Weights(st, prm_refs["R_gates"], lambda ch, s_=s_, d=d: (s_, d, ch, cols)) for d in range(k_rec)]
                for s_ in range(k_rec)] if spec.full_gate_recurrence else None)
         peep = tuple(prm_refs["peep"][p_, cols] for p_ in range(len(spec.peephole_names()))) if spec.peepholes else ()
-        if spec.family == "gru":  # reset-after: the "peephole" slot carries b_hn
+        if _cand(spec):  # GRU with reset_after: the "peephole" slot carries b_hn
             return (R, None, prm_refs["b_hn"][cols] if spec.reset_after else None), (c0[0][rows, cols],)
-        init = [c0[0][rows, cols], c0[1][rows, cols]]
+        init = [c0[f][rows, cols] for f in range(min(len(fields), 2))]  # h (and c)
         if spec.full_gate_recurrence:
             init.append(tuple(c0[2][rows, s_, cols] for s_ in range(k_rec)))
         return (R, Rg, peep), tuple(init)
@@ -567,11 +589,11 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
             cols = _columns(st, j)
             a = [xp_ref[t, rows, k, cols] for k in range(G)]
             x_n = None
-            if spec.family == "gru":  # the third product is q = h @ R_n (or (r*h) @ R_n), without x_n
-                x_n, a[2] = a[2], jnp.zeros_like(a[2])
+            if _cand(spec):  # the last product is q = h @ R_n (or (r*h) @ R_n), without x_n
+                x_n, a[-1] = a[-1], jnp.zeros_like(a[-1])
             for c, ch in enumerate(chunks):  # one chunk of h (and of FGR's gates) live at a time
                 h_c = prev_chunk(t, seq[0], c0[0], ch)
-                for k in range(2 if _cho(spec) else G):
+                for k in range(G - 1 if _cho(spec) else G):
                     a[k] = a[k] + _dot(h_c, R[k](c), st.precision)
                 if spec.full_gate_recurrence:
                     for s_ in range(k_rec):
@@ -580,18 +602,18 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
                             kd = names.index(dst)
                             a[kd] = a[kd] + _dot(g_c, Rg[s_][d](c), st.precision)
             if _cho(spec):  # publish this block's r * h: every block's q needs all of it
-                s_ref[rows, cols] = _cells.gru_gates(a[0], a[1])[0] * carry[0]
+                s_ref[rows, cols] = _reset(spec, a[0]) * carry[0]
             pres.append((a, x_n))
         if _cho(spec):
             _sync(st, count_ref, b, (bars * t + 1) * st.nh)
             for ((R, _, _), _), (a, _) in zip(owned, pres):
                 for c, ch in enumerate(chunks):
-                    a[2] = a[2] + _dot(_shared_load(st, s_ref, (rows, ch)), R[2](c), st.precision)
+                    a[-1] = a[-1] + _dot(_shared_load(st, s_ref, (rows, ch)), R[-1](c), st.precision)
         new_carries = []
         for j, ((R, Rg, peep), _), carry, (a, x_n) in zip(blocks, owned, carries, pres):
             cols = _columns(st, j)
-            if spec.family == "gru":
-                new = _gru_out(st, {"b_hn": peep}, a[0], a[1], x_n, a[2], carry[0], m)
+            if _cand(spec):
+                new = _cand_out(st, {"b_hn": peep}, tuple(a[:-1]), x_n, a[-1], carry[0], m)
                 seq[0][t, rows, cols] = new[0]
                 if save:
                     for k in range(G):
@@ -599,9 +621,9 @@ def _split_fwd_kernel(st: _Static, save: bool, *refs):
                 new_carries.append(new)
                 continue
             a = dict(zip(names, a))
-            new = _lstm_math(st, {"peep": peep}, a, carry, m)
-            seq[0][t, rows, cols] = new[0]
-            seq[1][t, rows, cols] = new[1]
+            new = _direct_math(st, {"peep": peep}, a, carry, m)
+            for f in range(min(len(fields), 2)):  # h (and c)
+                seq[f][t, rows, cols] = new[f]
             if spec.full_gate_recurrence:
                 for s_ in range(k_rec):
                     seq[2][t, rows, s_, cols] = new[2][s_]
@@ -624,10 +646,11 @@ def _split_bwd_kernel(st: _Static, *refs):
     rec_idx = [names.index(g) for g in rec_names]
     k_rec = len(rec_names)
     P = len(spec.peephole_names())
-    gru = spec.family == "gru"
+    cand = _cand(spec)
+    lstm = spec.family == "lstm"
     it = iter(refs)
     pre_ref = next(it)
-    xn_ref = next(it) if gru else None
+    xn_ref = next(it) if cand else None
     mask_ref = next(it)
     prm_refs = dict(zip(_param_names(spec), [next(it) for _ in _param_names(spec)]))
     c0 = [next(it) for _ in fields]
@@ -635,7 +658,7 @@ def _split_bwd_kernel(st: _Static, *refs):
     dseq = [next(it) for _ in fields]
     _count_in = next(it)
     dxp_ref = next(it)
-    dq_ref = next(it) if gru else None
+    dq_ref = next(it) if cand else None
     dc0 = [next(it) for _ in fields]
     dpeep_ref = next(it) if spec.peepholes or spec.reset_after else None  # GRU: b_hn's partial sums
     count_ref = next(it)
@@ -651,7 +674,7 @@ def _split_bwd_kernel(st: _Static, *refs):
         RT = [_Weights(st, prm_refs["R"], lambda ch, k=k: (k, cols, ch)) for k in range(G)]
         RgT = ([[_Weights(st, prm_refs["R_gates"], lambda ch, s_=s_, d=d: (s_, d, cols, ch)) for d in range(k_rec)]
                 for s_ in range(k_rec)] if spec.full_gate_recurrence else None)
-        if gru:
+        if cand:
             peep = (prm_refs["b_hn"][cols],) if spec.reset_after else ()
         else:
             peep = tuple(prm_refs["peep"][p_, cols] for p_ in range(P))
@@ -660,7 +683,7 @@ def _split_bwd_kernel(st: _Static, *refs):
     owned = [own(j) for j in blocks]
 
     def load_carry(refs_, idx, cols):
-        if gru:
+        if not lstm:
             return (refs_[0][idx + (rows, cols)],)
         out = [refs_[0][idx + (rows, cols)], refs_[1][idx + (rows, cols)]]
         if spec.full_gate_recurrence:
@@ -677,21 +700,22 @@ def _split_bwd_kernel(st: _Static, *refs):
             dcarry = jax.tree.map(jnp.add, dnext, load_carry(dseq, (t,), cols))
             prev = jax.tree.map(lambda s_, z: jnp.where(t > 0, s_, z), load_carry(seq, (tp,), cols),
                                 load_carry(c0, (), cols))
-            if gru:
-                a_r, a_u, q = (pre_ref[t, rows, k, cols] for k in range(3))
-                _, vjp = jax.vjp(lambda ar, au, xn, q_, h_, e_: _gru_out(st, {"b_hn": e_[0] if e_ else None},
-                                                                       ar, au, xn, q_, h_, m),
-                                 a_r, a_u, xn_ref[t, rows, cols], q, prev[0], peep)
-                da_r, da_u, dx_n, dq, dh, de = vjp(dcarry)
-                for k, v in enumerate((da_r, da_u, dx_n)):
-                    if not (cho and k == 0):  # Cho: r's gradient comes through s = r * h below
+            if cand:
+                ag = tuple(pre_ref[t, rows, k, cols] for k in range(G - 1))
+                q = pre_ref[t, rows, G - 1, cols]
+                _, vjp = jax.vjp(lambda g_, xn, q_, h_, e_: _cand_out(st, {"b_hn": e_[0] if e_ else None},
+                                                                    g_, xn, q_, h_, m),
+                                 ag, xn_ref[t, rows, cols], q, prev[0], peep)
+                dg, dx_n, dq, dh, de = vjp(dcarry)
+                for k, v in enumerate((*dg, dx_n)):
+                    if not (cho and k == 0):  # Cho/MGU: r's (f's) gradient comes through s = r * h below
                         dxp_ref[t, rows, k, cols] = v
                 dq_ref[t, rows, cols] = dq
-                directs.append((dh,) if not cho else (dh, da_r, a_r, prev[0]))
+                directs.append((dh,) if not cho else (dh, dg[0], ag[0], prev[0]))
                 new_state.append(jax.tree.map(jnp.add, dpeep, de))
                 continue
             a = {name: pre_ref[t, rows, k, cols] for k, name in enumerate(names)}
-            _, vjp = jax.vjp(lambda a_, c_, e_: _lstm_math(st, {"peep": e_}, a_, c_, m), a, prev, peep)
+            _, vjp = jax.vjp(lambda a_, c_, e_: _direct_math(st, {"peep": e_}, a_, c_, m), a, prev, peep)
             da, dprev, de = vjp(dcarry)
             for k, name in enumerate(names):
                 dxp_ref[t, rows, k, cols] = da[name]
@@ -701,9 +725,9 @@ def _split_bwd_kernel(st: _Static, *refs):
             _sync(st, count_ref, b, (bars * i + 1) * st.nh)
             for n_, (j, (RT, _, _)) in enumerate(zip(blocks, owned)):
                 dh, da_r, a_r, h = directs[n_]
-                ds = sum(_dot(_shared_load(st, dq_ref, (t, rows, ch)), RT[2](c), st.precision, _DOT_T)
+                ds = sum(_dot(_shared_load(st, dq_ref, (t, rows, ch)), RT[-1](c), st.precision, _DOT_T)
                          for c, ch in enumerate(chunks))
-                _, vjp_s = jax.vjp(lambda ar, h_: _cells.gru_gates(ar, ar)[0] * h_, a_r, h)
+                _, vjp_s = jax.vjp(lambda ar, h_: _reset(spec, ar) * h_, a_r, h)
                 dar_s, dh_s = vjp_s(ds)
                 dxp_ref[t, rows, 0, _columns(st, j)] = da_r + dar_s
                 directs[n_] = (dh + dh_s,)
@@ -713,15 +737,15 @@ def _split_bwd_kernel(st: _Static, *refs):
             dh = dprev[0]
             dg = list(dprev[2]) if spec.full_gate_recurrence else None
             for c, ch in enumerate(chunks):  # one chunk of d_pre live at a time
-                for k in range(2 if cho else G):
-                    d_c = (_shared_load(st, dq_ref, (t, rows, ch)) if gru and k == 2 else
+                for k in range(G - 1 if cho else G):
+                    d_c = (_shared_load(st, dq_ref, (t, rows, ch)) if cand and k == G - 1 else
                            _shared_load(st, dxp_ref, (t, rows, k, ch)))
                     dh = dh + _dot(d_c, RT[k](c), st.precision, _DOT_T)
                     if spec.full_gate_recurrence and k in rec_idx:
                         d = rec_idx.index(k)
                         for s_ in range(k_rec):
                             dg[s_] = dg[s_] + _dot(d_c, RgT[s_][d](c), st.precision, _DOT_T)
-            dnew = (dh,) if gru else (dh, dprev[1]) + ((tuple(dg),) if spec.full_gate_recurrence else ())
+            dnew = (dh,) if not lstm else (dh, dprev[1]) + ((tuple(dg),) if spec.full_gate_recurrence else ())
             out.append((dnew, dpeep))
         return tuple(out)
 
@@ -734,7 +758,7 @@ def _split_bwd_kernel(st: _Static, *refs):
     for j, (dcarry0, dpeep) in zip(blocks, final):
         cols = _columns(st, j)
         dc0[0][rows, cols] = dcarry0[0]
-        if gru:
+        if not lstm:
             if spec.reset_after:
                 dpeep_ref[b, cols] = dpeep[0]
             continue
@@ -801,7 +825,7 @@ def _split_backward(st: _Static, prm: tuple, res, dseq: tuple):
     nb = Bp // st.bB
     count = jnp.zeros((nb,), jnp.int32)
     out_shapes = [jax.ShapeDtypeStruct((T, Bp, G, Hp), jnp.float32)]
-    if spec.family == "gru":
+    if _cand(spec):
         out_shapes.append(jax.ShapeDtypeStruct((T, Bp, Hp), jnp.float32))
     out_shapes += [jax.ShapeDtypeStruct(c.shape, jnp.float32) for c in carry0]
     if spec.peepholes:
@@ -824,7 +848,7 @@ def _core(st, prm, xp4, carry0, mask):
 
 def _core_fwd(st, prm, xp4, carry0, mask):
     seq, pre = (_split_forward if st.nh > 1 else _forward)(st, True, prm, xp4, carry0, mask)
-    xn = xp4[:, :, 2, :] if st.spec.family == "gru" else None
+    xn = xp4[:, :, -1, :] if _cand(st.spec) else None
     return seq, (prm, pre, mask, carry0, seq, xn)
 
 
@@ -833,7 +857,7 @@ def _core_bwd(st, res, dseq):
     prm, pre, mask, carry0, seq, xn = res
     outs = list((_split_backward if st.nh > 1 else _backward)(st, prm, (pre, mask, carry0, seq, xn), tuple(dseq)))
     dxp = outs.pop(0)
-    dq = outs.pop(0) if spec.family == "gru" else None
+    dq = outs.pop(0) if _cand(spec) else None
     nf = len(_fields(spec))
     dcarry0 = tuple(o.astype(c.dtype) for o, c in zip(outs[:nf], carry0))
     outs = outs[nf:]
@@ -842,12 +866,11 @@ def _core_bwd(st, res, dseq):
     hprev = jnp.concatenate([carry0[0][None].astype(jnp.float32), seq[0][:-1]], 0).reshape(T * Bp, Hp)
     R = prm[0]
     d_rec = dxp.reshape(T * Bp, G, Hp)
-    if spec.family == "gru":
-        d_rec = d_rec.at[:, 2, :].set(dq.reshape(T * Bp, Hp))
+    if _cand(spec):  # the candidate's weights get q's gradient (its x_n part is not in R)
+        d_rec = d_rec.at[:, G - 1, :].set(dq.reshape(T * Bp, Hp))
     lhs = {j: hprev for j in range(G)}
-    if spec.family == "gru" and not spec.reset_after:
-        r = jax.nn.sigmoid(pre[:, :, 0, :].reshape(T * Bp, Hp))
-        lhs[2] = r * hprev
+    if _cho(spec):  # ... and multiply r * h_prev (the MGU: f * h_prev)
+        lhs[G - 1] = _reset(spec, pre[:, :, 0, :].reshape(T * Bp, Hp)) * hprev
     dR = jnp.stack([jnp.matmul(lhs[j].astype(R.dtype).T, d_rec[:, j, :].astype(R.dtype),
                                preferred_element_type=jnp.float32) for j in range(G)]).astype(R.dtype)
     dprm = [dR]
@@ -878,7 +901,7 @@ def fused_recurrence(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array
     """Run one layer direction forward in time in one kernel launch (differentiable).
 
     Args:
-      spec: an LSTM-family or GRU spec.
+      spec: any cell (LSTM family, GRU, MGU, tanh RNN).
       params: the cell's parameters (``W`` unused: its product is in ``xp``).
       xp: ``[T, B, G*H]`` projected inputs ``x @ W + b`` (float32).
       carry0: the initial carry (fields ``[B, size]``).
