@@ -278,6 +278,37 @@ def ms_str(ms: float) -> str:
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
 
 
+def suggest_auto(rows, backend: str) -> tuple[dict, list[str]]:
+    """What ``recurrent.AUTO_IMPL`` should say for ``backend`` from this run's rows, with the evidence.
+
+    Per cell family, over every (shape, dtype, cell) group in which all of the family's measured lstm_lab
+    impls ran: the impl fastest in the most groups (ties: the larger geometric-mean speed-up over
+    ``scan``). Returns ``({(backend, family): impl}, lines)``; a line names the groups the choice loses.
+    """
+    import lstm_lab
+
+    table, lines = {}, []
+    ours = [r for r in rows if r["impl"] not in REFERENCE_IMPLS]
+    for family in dict.fromkeys(lstm_lab.VARIANTS[r["cell"]].family for r in ours):
+        fam = [r for r in ours if lstm_lab.VARIANTS[r["cell"]].family == family]
+        impls = list(dict.fromkeys(r["impl"] for r in fam))
+        groups = {}
+        for r in fam:
+            groups.setdefault((r["T"], r["B"], r["H"], r["dtype"], r["cell"]), {})[r["impl"]] = r["ms"]
+        full = {g: v for g, v in groups.items() if len(v) == len(impls)}
+        if not full or "scan" not in impls:
+            continue
+        wins = {i: [g for g, v in full.items() if min(v, key=v.get) == i] for i in impls}
+        gmean = {i: float(np.exp(np.mean([np.log(v["scan"] / v[i]) for v in full.values()]))) for i in impls}
+        best = max(impls, key=lambda i: (len(wins[i]), gmean[i]))
+        table[(backend, family)] = best
+        lost = [g for g in full if g not in wins[best]]
+        lines.append(f"AUTO_IMPL[({backend!r}, {family!r})] = {best!r}  # fastest in {len(wins[best])}/{len(full)} "
+                     f"(shape, dtype, cell) groups, {gmean[best]:.2f}x scan (geometric mean)"
+                     + (f"; slower at {', '.join(f'{T}/{B}/{H} {d} {c}' for T, B, H, d, c in lost)}" if lost else ""))
+    return table, lines
+
+
 def markdown(rows, shapes, dtype) -> str:
     rows = [r for r in rows if r["dtype"] == dtype]
     if not rows:
@@ -286,7 +317,7 @@ def markdown(rows, shapes, dtype) -> str:
     labels = []
     for r in rows:
         if r["impl"] == "torch":
-            lab = f"torch.nn.{ {'lstm': 'LSTM', 'gru': 'GRU'}[r['cell']] }"
+            lab = f"torch.nn.{ {'lstm': 'LSTM', 'gru': 'GRU', 'rnn': 'RNN'}[r['cell']] }"
         elif r["impl"] == "flax":
             lab = "flax OptimizedLSTMCell"
         elif r["impl"] == "cudnn":
@@ -491,6 +522,12 @@ def main(argv=None):
             if table:
                 log()
                 log(table)
+    _, auto_lines = suggest_auto(rows, backend)
+    if auto_lines:
+        log()
+        log("# impl='auto' from this run (lstm_lab/recurrent.py AUTO_IMPL; 'scan' is the default, needs no entry):")
+        for line in auto_lines:
+            log(line)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
