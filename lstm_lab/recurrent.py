@@ -127,6 +127,15 @@ def resolve_impl(impl: str, spec: CellSpec, backend: str | None = None, *, hidde
     return chosen
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_interpret_once(backend: str) -> None:
+    import warnings
+
+    warnings.warn(f"impl='pallas' runs in Pallas interpret mode on {backend!r} (no GPU): the same function, "
+                  f"several times slower than impl='auto'; it is for checking the kernel. Pass "
+                  f"kernel_options={{'interpret': True}} to silence this.", stacklevel=3)
+
+
 def _flip(a: jax.Array, lengths: jax.Array | None) -> jax.Array:
     """Reverse ``a`` ``[T, B, ...]`` in time, each sequence within its own length."""
     if lengths is None:
@@ -446,6 +455,8 @@ class RNN(nnx.Module):
                                      block_h=(kernel_options or {}).get("block_h"))
             if why:
                 raise ValueError(f"RNN: {why} (use impl='scan' or 'auto').")
+            if jax.default_backend() != "gpu" and (kernel_options or {}).get("interpret") is None:
+                _warn_interpret_once(jax.default_backend())
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"RNN: rngs must be an nnx.Rngs, e.g. nnx.Rngs(0); got {rngs!r}.")
         self.spec = spec

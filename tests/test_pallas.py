@@ -281,3 +281,20 @@ def test_training_population_with_model_impl_pallas(tmp_path):
     with pytest.raises(ValueError, match=r"model.impl='pallas': .*got dtype=float64"):
         train(apply_overrides(Config(), {**base, "model.impl": "pallas", "model.dtype": "float64"}), tmp_path / "m",
               quiet=True)
+
+
+def test_interpret_mode_off_gpu_is_said_once():
+    from lstm_lab import recurrent
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU the kernel is compiled")
+    recurrent._warn_interpret_once.cache_clear()
+    with pytest.warns(UserWarning, match=r"interpret mode on 'cpu' \(no GPU\)"):
+        lstm_lab.RNN(3, 8, "lstm", impl="pallas", rngs=nnx.Rngs(0))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lstm_lab.RNN(3, 8, "lstm", impl="pallas", rngs=nnx.Rngs(0))  # once per process and backend
+        recurrent._warn_interpret_once.cache_clear()
+        lstm_lab.RNN(3, 8, "lstm", impl="pallas", kernel_options={"interpret": True}, rngs=nnx.Rngs(0))
