@@ -27,19 +27,19 @@ def test_copy_population_equals_solo_runs(tmp_path):
     base = {"task.name": "copy", "task.options": {"T": 3}, "model.hidden_size": 12, "model.cell": "vanilla",
             "optim.name": "adam", "train.batch_size": 8, "train.steps": 20, "train.eval_every": 10,
             "train.log_every": 5, "train.eval_batch_size": 100}
-    members = [dict(lr=5e-3, b1=0.9, noise=0.0, seed=0, fb=1.0), dict(lr=2e-2, b1=0.5, noise=0.3, seed=1, fb=0.0),
-               dict(lr=1e-2, b1=0.8, noise=0.1, seed=7, fb=2.0)]
+    # two members that differ in every field varied here (a third would only add another solo compile)
+    members = [dict(lr=5e-3, b1=0.9, noise=0.0, seed=0, fb=1.0), dict(lr=2e-2, b1=0.5, noise=0.3, seed=7, fb=2.0)]
     cfgs = [apply_overrides(Config(), {**base, "optim.learning_rate": m["lr"], "optim.b1": m["b1"],
                                        "model.input_noise": m["noise"], "train.seed": m["seed"],
                                        "model.forget_bias": m["fb"]}) for m in members]
     assert len({population_key(c) for c in cfgs}) == 1
-    pop = train_population(cfgs, [tmp_path / f"p{i}" for i in range(3)])
+    pop = train_population(cfgs, [tmp_path / f"p{i}" for i in range(2)])
     solo = [train(c, tmp_path / f"s{i}", quiet=True) for i, c in enumerate(cfgs)]
     _check_equal(pop, solo)
-    assert len({round(p["test"]["loss"], 6) for p in pop}) == 3  # the members did differ
-    assert all(p["population"] == 3 for p in pop)
+    assert len({round(p["test"]["loss"], 6) for p in pop}) == 2  # the members did differ
+    assert all(p["population"] == 2 for p in pop)
     # a second call finds the finished summaries
-    again = train_population(cfgs, [tmp_path / f"p{i}" for i in range(3)])
+    again = train_population(cfgs, [tmp_path / f"p{i}" for i in range(2)])
     assert [a["test"] for a in again] == [p["test"] for p in pop]
 
 
@@ -55,13 +55,13 @@ def test_stateful_lm_population_with_plateau_and_early_stop_equals_solo(tmp_path
             "train.log_every": 4, "train.early_stop_patience": 2}
     # SGD at lr 1e-9 changes nothing a float32 loss can see: no validation improvement -> plateau decay, early
     # stop. (A chaotic member, e.g. Adam at lr 3, amplifies rounding differences and could not be compared.)
-    members = [dict(lr=1.0, mom=0.9, seed=0), dict(lr=1e-9, mom=0.0, seed=1), dict(lr=0.5, mom=0.5, seed=2)]
+    members = [dict(lr=1.0, mom=0.9, seed=0), dict(lr=1e-9, mom=0.0, seed=1)]
     cfgs = [apply_overrides(Config(), {**base, "optim.learning_rate": m["lr"], "optim.momentum": m["mom"],
                                        "train.seed": m["seed"]}) for m in members]
-    pop = train_population(cfgs, [tmp_path / f"p{i}" for i in range(3)])
+    pop = train_population(cfgs, [tmp_path / f"p{i}" for i in range(2)])
     solo = [train(c, tmp_path / f"s{i}", quiet=True) for i, c in enumerate(cfgs)]
     _check_equal(pop, solo)
-    assert {s["status"] for s in solo} >= {"completed", "stopped_early"}  # both paths were exercised
+    assert {s["status"] for s in solo} == {"completed", "stopped_early"}  # both paths were exercised
 
 
 def test_population_refuses_mixed_shapes(tmp_path):
