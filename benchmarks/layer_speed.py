@@ -363,7 +363,7 @@ def main(argv=None):
     ap.add_argument("--block-b", type=int, default=16, help="pallas: batch rows per program")
     ap.add_argument("--block-h", type=int, help="pallas: hidden columns per program (split H across programs)")
     ap.add_argument("--block-k", type=int, default=64, help="pallas with --block-h: contraction chunk")
-    ap.add_argument("--num-warps", type=int, help="pallas: Triton warps per program (default: by H)")
+    ap.add_argument("--num-warps", type=int, help="pallas: Triton warps per program (default: the kernel's, 8)")
     ap.add_argument("--repeats", type=int, default=20, help="timed runs; the median is reported")
     ap.add_argument("--unroll", type=int, default=1, help="scan unroll (lstm_lab and flax)")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,

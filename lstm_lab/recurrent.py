@@ -473,10 +473,14 @@ class RNN(nnx.Module):
         self.impl = impl
         self.remat = bool(remat)
         self.kernel_options = dict(kernel_options or {})
-        known = ("block_b", "block_h", "block_k", "stream_weights", "num_warps", "interpret", "precision")
-        bad = sorted(set(self.kernel_options) - set(known))
-        if bad:
-            raise ValueError(f"RNN: unknown kernel_options {bad}; expected {', '.join(known)}.")
+        if self.kernel_options:  # the kernel's keyword-only arguments are its options
+            import inspect
+
+            from lstm_lab.kernels.pallas_rnn import fused_recurrence
+            known = [n for n, a in inspect.signature(fused_recurrence).parameters.items() if a.kind == a.KEYWORD_ONLY]
+            bad = sorted(set(self.kernel_options) - set(known))
+            if bad:
+                raise ValueError(f"RNN: unknown kernel_options {bad}; expected {', '.join(known)}.")
         layers = []
         for layer in range(self.num_layers):
             d_in = self.in_features if layer == 0 else self.num_directions * self.hidden_size

@@ -2,7 +2,7 @@
 
 :mod:`lstm_lab.kernels.pallas_rnn`: the whole time loop of one layer direction in one
 Pallas kernel launch (Triton backend on GPU, interpret mode elsewhere), forward and
-backward, for every LSTM-family flag combination and the GRU. The layer runs it with
+backward, for every cell (LSTM family, GRU, MGU, tanh RNN). The layer runs it with
 ``impl="pallas"``. (``impl="scan_vjp"``, the custom-VJP scan, lives in
 :mod:`lstm_lab.recurrent`.)
 """
