@@ -34,6 +34,34 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests run only when ``-m`` names them (``pytest -m slow``); any other run leaves them out,
+    so ``pytest -m "not integration"`` needs no ``and not slow``."""
+    if "slow" in (config.option.markexpr or ""):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session):
+    """Free the session's compiled programs and garbage while the worker still counts as running.
+
+    An xdist worker that reports "finished" must exit within 5 s, or execnet sends it SIGINT; its last
+    step is pytest's final ``gc.collect()``, which runs jax's ``_xla_gc_callback``. With hundreds of
+    compiled programs alive (and a loaded machine) that collection took longer, so the SIGINT landed
+    inside the callback and pytest printed a ``KeyboardInterrupt`` traceback after ``[100%]``. Doing
+    the work here, before xdist's ``workerfinished`` (this hook runs inside its wrapper), leaves the
+    final collection nothing to do.
+    """
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE and not hasattr(config, "workerinput"):  # the controller made it; workers share it
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -24,6 +24,7 @@ def _env(**extra):
     return {**env, **extra}
 
 
+@pytest.mark.integration  # two training processes
 def test_two_processes_match_one_process(tmp_path, corpus):  # noqa: F811
     cfg = tiny_lm(corpus, **{"model.dropout": 0.0, "model.input_noise": 0.0, "train.steps": 20})
     exp = tmp_path / "exp.py"

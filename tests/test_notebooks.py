@@ -35,6 +35,7 @@ def _run(name, params, tmp_path):
     return nb
 
 
+@pytest.mark.integration  # a notebook kernel
 def test_cells_and_gates_notebook(tmp_path):
     nb = _run("01_cells_and_gates.ipynb", {"T": 2, "hidden_size": 8, "steps": 20, "workdir": str(tmp_path)}, tmp_path)
     assert images(nb) == 5  # curve, gate heat maps, cell norms, NFG growth, CIFG coupling
@@ -42,6 +43,7 @@ def test_cells_and_gates_notebook(tmp_path):
     assert "max |f - (1 - i)| = 0.0e+00" in text
 
 
+@pytest.mark.integration  # a notebook kernel
 def test_compare_variants_notebook(tmp_path, shared_data):
     nb = _run("02_compare_variants.ipynb", {
         "data_path": str(shared_data / "tinyshakespeare.txt"), "variants": ["lstm", "cifg"], "hidden_size": 16,
@@ -54,6 +56,7 @@ def test_compare_variants_notebook(tmp_path, shared_data):
     assert len(list(tmp_path.glob("*/summary.json"))) == 2
 
 
+@pytest.mark.integration  # a notebook kernel
 def test_odyssey_study_notebook_runs_and_reads_a_study(tmp_path):
     study = tmp_path / "tiny_study.py"
     study.write_text(textwrap.dedent("""\
