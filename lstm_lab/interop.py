@@ -120,19 +120,22 @@ def to_torch(layer: RNN):
 
     Other variants have no PyTorch module and raise ``ValueError``.
     """
-    import torch
-
-    spec = layer.spec
+    spec = layer.spec  # the variant first: a refusal needs no torch
     if spec == VARIANTS["lstm"]:
-        cls, gates = torch.nn.LSTM, 4
+        kind, gates = "LSTM", 4
     elif spec == TORCH_GRU:
-        cls, gates = torch.nn.GRU, 3
+        kind, gates = "GRU", 3
     else:
         hint = (" PyTorch's GRU applies the reset gate after the recurrent matmul: build the layer with "
                 "CellSpec(family='gru', reset_after=True)." if spec.family == "gru" else "")
         raise ValueError(f"to_torch: cell {spec.name!r} has no PyTorch module; only 'lstm' and "
                          f"CellSpec(family='gru', reset_after=True) do.{hint}")
-    module = cls(layer.in_features, layer.hidden_size, num_layers=layer.num_layers,
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("to_torch needs PyTorch, which is not a dependency of lstm_lab: "
+                          "pip install -e '.[bench]' (the CPU build) or any torch.") from None
+    module = getattr(torch.nn, kind)(layer.in_features, layer.hidden_size, num_layers=layer.num_layers,
                  bidirectional=layer.bidirectional, batch_first=not layer.time_major,
                  dropout=layer.dropout_rate)
     H = layer.hidden_size

@@ -58,6 +58,12 @@ def test_to_torch_rejects_variants_torch_lacks():
         interop.to_torch(lstm_lab.RNN(2, 3, "gru", rngs=nnx.Rngs(0)))
 
 
+def test_to_torch_without_torch_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # import torch now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[bench\]'"):
+        interop.to_torch(lstm_lab.RNN(2, 3, "lstm", rngs=nnx.Rngs(0)))
+
+
 # --- live, when torch is importable ---------------------------------------
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("batch_first", [True, False])
