@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 
 import jax.numpy as jnp
@@ -130,6 +129,12 @@ def test_stream_batcher_rejects_windows_longer_than_the_split():
     with pytest.raises(ValueError, match=r"train split has 50 tokens: 5 streams of 10 tokens cannot fill one window "
                                          r"of seq_len=10 .*at most 9.*at most 4"):
         StreamBatcher(np.arange(50), batch_size=5, seq_len=10)
+    # no batch size fits: the hint must not say "batch_size (at most 0)"
+    with pytest.raises(ValueError, match=r"Use a smaller seq_len \(at most 4 at batch_size=4\)\.$") as e:
+        StreamBatcher(np.arange(20), batch_size=4, seq_len=30)
+    assert "at most 0" not in str(e.value)
+    with pytest.raises(ValueError, match=r"Use seq_len at most 2 with batch_size=1\.$"):
+        StreamBatcher(np.arange(3), batch_size=4, seq_len=30)
 
 
 # ---------------------------------------------------------------------------
@@ -316,8 +321,8 @@ def test_registering_a_task_of_your_own():
 def test_data_cli_errors_name_the_problem(capsys):
     assert main(["data", "copy", "--delya", "3"]) == 2
     assert "no option 'delya'" in capsys.readouterr().err
-    out = subprocess.run([sys.executable, "-m", "lstm_lab.cli", "data", "copy", "--T", "5"], capture_output=True,
-                         text=True, check=True).stdout
+    assert main(["data", "copy", "--T", "5"]) == 0
+    out = capsys.readouterr().out
     assert "baseline (memoryless predictor): loss 0.8318" in out and "input  " in out
 
 

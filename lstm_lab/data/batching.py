@@ -67,10 +67,17 @@ class StreamBatcher:
             raise ValueError(f"batch_size and seq_len must be positive; got batch_size={B}, seq_len={T}.")
         L = len(tokens) // B
         if L - 1 < T:
+            fixes = []
+            if L - 1 >= 1:
+                fixes.append(f"a smaller seq_len (at most {L - 1} at batch_size={B})")
+            if len(tokens) // (T + 1) >= 1:
+                fixes.append(f"a smaller batch_size (at most {len(tokens) // (T + 1)} at seq_len={T})")
+            if not fixes:
+                fixes.append(f"seq_len at most {len(tokens) - 1} with batch_size=1" if len(tokens) > 1
+                             else "more data in this split")
             raise ValueError(
                 f"the {split} split has {len(tokens)} tokens: {B} streams of {L} tokens cannot fill one window of "
-                f"seq_len={T} (each stream needs seq_len + 1 = {T + 1}). Use a smaller seq_len (at most "
-                f"{max(L - 1, 0)}) or batch_size (at most {len(tokens) // (T + 1)}).")
+                f"seq_len={T} (each stream needs seq_len + 1 = {T + 1}). Use {' or '.join(fixes)}.")
         self.data = tokens[:B * L].reshape(B, L)
         self.batch_size, self.seq_len, self.seed = B, T, int(seed)
         self.windows_per_epoch = (L - 1) // T
