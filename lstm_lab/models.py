@@ -10,20 +10,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lstm_lab.cells import resolve_cell, CellSpec
-from lstm_lab.config import ModelConfig
+from lstm_lab.config import ModelConfig, cell_from_config
 from lstm_lab.recurrent import RNN
 
 __all__ = ["SequenceModel", "cell_from_config"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-
-
-def cell_from_config(cell) -> CellSpec:
-    """A CellSpec from a preset name or a dict of CellSpec fields."""
-    if isinstance(cell, dict):
-        return CellSpec(**cell)
-    return resolve_cell(cell)
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
@@ -39,7 +31,8 @@ class SequenceModel(nnx.Module):
         ``"real"`` (``input_size`` features, fed to the RNN directly, or
         through a linear encoder of ``embed_dim`` when it is set).
       input_size, output_size: from the task.
-      cfg: :class:`~lstm_lab.config.ModelConfig`.
+      cfg: :class:`~lstm_lab.config.ModelConfig` (validated when it was made: names, ranges, and
+        whether ``impl`` can run this cell at this size and dtype).
 
     Call: ``outputs, carry = model(inputs, carry=None, key=None, train=False)``
     with ``inputs`` ``[B, T]`` ids or ``[B, T, F]`` floats; ``outputs``
@@ -50,13 +43,6 @@ class SequenceModel(nnx.Module):
     def __init__(self, input_kind: str, input_size: int, output_size: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if input_kind not in ("tokens", "real"):
             raise ValueError(f"input_kind must be 'tokens' or 'real'; got {input_kind!r}.")
-        if cfg.dtype not in _DTYPES:
-            raise ValueError(f"model.dtype must be one of {', '.join(_DTYPES)}; got {cfg.dtype!r}.")
-        for name in ("dropout", "output_dropout"):
-            if not 0.0 <= getattr(cfg, name) < 1.0:
-                raise ValueError(f"model.{name} must be in [0, 1); got {getattr(cfg, name)!r}.")
-        if cfg.input_noise < 0:
-            raise ValueError(f"model.input_noise must be >= 0; got {cfg.input_noise!r}.")
         self.cfg = cfg
         self.input_kind = input_kind
         spec = cell_from_config(cfg.cell)
@@ -70,22 +56,13 @@ class SequenceModel(nnx.Module):
         else:
             self.encoder = None
             rnn_in = input_size
-        try:
-            self.rnn = RNN(rnn_in, cfg.hidden_size, spec, num_layers=cfg.num_layers,
-                           bidirectional=cfg.bidirectional, dropout=cfg.dropout, dtype=_DTYPES[cfg.dtype],
-                           forget_bias=cfg.forget_bias, chrono_init=cfg.chrono_init or None, unroll=cfg.unroll,
-                           impl=cfg.impl, rngs=rngs)
-        except ValueError as e:  # name the config field (RNN's messages name its own arguments)
-            if "impl" not in str(e):
-                raise
-            raise ValueError(f"model.impl={cfg.impl!r}: {e}") from None
+        self.rnn = RNN(rnn_in, cfg.hidden_size, spec, num_layers=cfg.num_layers, bidirectional=cfg.bidirectional,
+                       dropout=cfg.dropout, dtype=_DTYPES[cfg.dtype], forget_bias=cfg.forget_bias,
+                       chrono_init=cfg.chrono_init or None, unroll=cfg.unroll, impl=cfg.impl, rngs=rngs)
         out_in = cfg.hidden_size * (2 if cfg.bidirectional else 1)
         if cfg.tie_weights:
             if input_kind != "tokens":
                 raise ValueError("model.tie_weights needs a token task (an embedding to tie to).")
-            if embed_dim != out_in:
-                raise ValueError(f"model.tie_weights needs embed_dim == the RNN output size: embed_dim={embed_dim}, "
-                                 f"output {out_in}. Set model.embed_dim={out_in} (or 0).")
             self.head = None
             self.head_bias = nnx.Param(jnp.zeros((output_size,), jnp.float32))
         else:

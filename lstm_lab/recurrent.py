@@ -33,7 +33,9 @@ from flax import nnx
 from lstm_lab import cells as _cells
 from lstm_lab.cells import CellSpec, resolve_cell
 
-__all__ = ["RNN", "RecurrentCell", "gate_trace", "scan_cell", "scan_cell_vjp", "scan_cell_pallas"]
+__all__ = ["RNN", "RecurrentCell", "gate_trace", "scan_cell", "scan_cell_vjp", "scan_cell_pallas", "IMPLS",
+           "impl_unsupported", "chrono_unsupported", "resolve_impl",
+           "debug_checks"]
 
 _List = getattr(nnx, "List", list)
 IMPLS = ("auto", "scan", "scan_vjp", "pallas")
@@ -112,6 +114,43 @@ def init_params(spec: CellSpec, in_features: int, hidden_size: int, key: jax.Arr
 # H = 256/512; FGR equal). GPU/TPU: not measured yet, so the plain scan. An entry naming "pallas"
 # falls back to the scan where the kernel cannot run (hidden size, dtype).
 AUTO_IMPL = {("cpu", "lstm"): "scan_vjp"}
+
+
+def _is_float_dtype(dt) -> bool:
+    try:
+        return jnp.issubdtype(jnp.dtype(dt), jnp.floating)
+    except TypeError:
+        return False
+
+
+def chrono_unsupported(spec: CellSpec, chrono_init: float | None) -> str | None:
+    """Why ``chrono_init`` cannot initialise this cell, or None (None means off)."""
+    if chrono_init is None:
+        return None
+    if spec.family == "rnn":
+        return "chrono_init needs a gated cell; cell 'rnn' has no gate."
+    if not float(chrono_init) > 2.0:
+        return f"chrono_init is T_max, the longest dependency, and must be > 2; got {chrono_init!r}."
+    return None
+
+
+def impl_unsupported(impl: str, spec: CellSpec, hidden_size: int, *, dtype=None, param_dtype=jnp.float32,
+                     kernel_options: dict | None = None) -> str | None:
+    """Why :class:`RNN` cannot run ``impl`` for this cell, size and dtype (a message naming the value and
+    the fix), or None. The one check behind ``RNN(impl=...)`` and the ``model.impl`` config field."""
+    if impl not in IMPLS:
+        return f"unknown impl {impl!r}; expected one of {', '.join(IMPLS)}."
+    if impl == "scan_vjp" and spec.family != "lstm":
+        return (f"impl='scan_vjp' supports the LSTM family; {spec.name!r} is a {spec.family} "
+                f"(use impl='scan' or 'auto').")
+    if impl == "pallas":
+        from lstm_lab.kernels.pallas_rnn import pallas_unsupported
+
+        why = pallas_unsupported(spec, int(hidden_size), dtype=dtype, param_dtype=param_dtype,
+                                 block_h=(kernel_options or {}).get("block_h"))
+        if why:
+            return f"{why} (use impl='scan' or 'auto')."
+    return None
 
 
 def resolve_impl(impl: str, spec: CellSpec, backend: str | None = None, *, hidden_size: int | None = None,
@@ -356,6 +395,37 @@ class RecurrentCell(nnx.Module):
         return _cells.step(self.spec, p, carry, xp)
 
 
+DEBUG_CHECKS_ENV = "LSTM_LAB_DEBUG_CHECKS"
+_DEBUG_CHECKS: list[bool] = []
+
+
+def debug_checks(on: bool | None = None) -> bool:
+    """Run-time checks of values that are traced under ``jax.jit`` (today: ``seq_lengths`` in ``1..T``).
+
+    Outside ``jit`` the layer checks ``seq_lengths`` on the host before the scan. Inside ``jit`` the
+    values are tracers, so a length of 0 or > T would silently mask wrongly; with debug checks on
+    (``debug_checks(True)``, or the environment variable ``LSTM_LAB_DEBUG_CHECKS=1`` at import) a
+    host callback checks them on every call and the call fails with the same message. It costs a
+    device-to-host copy per call: for debugging. Returns the current setting.
+    """
+    if on is not None:
+        _DEBUG_CHECKS[:] = [bool(on)]
+    if not _DEBUG_CHECKS:
+        import os
+
+        _DEBUG_CHECKS.append(os.environ.get(DEBUG_CHECKS_ENV, "") not in ("", "0", "false", "False"))
+    return _DEBUG_CHECKS[0]
+
+
+def _lengths_in_range(values, T: int) -> None:
+    values = np.asarray(values)
+    bad = np.argwhere((values < 1) | (values > T))
+    if bad.size:
+        at = tuple(int(i) for i in bad[0])
+        raise ValueError(f"RNN: seq_lengths must be in 1..T = 1..{T}; got {int(values[at])} at "
+                         f"index {at} ({bad.shape[0]} value(s) out of range).")
+
+
 class RNN(nnx.Module):
     """A stack of recurrent layers of one cell variant, scanned over time.
 
@@ -397,7 +467,9 @@ class RNN(nnx.Module):
 
       * ``x``: ``[batch..., T, F]`` floating point, one or more batch axes.
       * ``seq_lengths``: int ``[batch...]`` in ``1..T``. Past each sequence's
-        end the carry is frozen and the outputs are zero.
+        end the carry is frozen and the outputs are zero. Checked before the
+        scan when the values are concrete; under ``jax.jit`` they are tracers
+        and are checked only with :func:`debug_checks` on.
       * ``initial_carry``: as returned, or None for zeros.
       * ``y``: ``[batch..., T, H]`` (``2*H`` bidirectional), in ``dtype``.
       * ``carry``: a tuple over layers of tuples over directions (forward,
@@ -438,25 +510,19 @@ class RNN(nnx.Module):
                 raise ValueError(f"RNN: {name} must be a positive int; got {value!r}.")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"RNN: dropout must be in [0, 1); got {dropout!r}.")
-        if chrono_init is not None:
-            if spec.family == "rnn":
-                raise ValueError("RNN: chrono_init needs a gated cell; cell 'rnn' has no gate.")
-            if not float(chrono_init) > 2.0:
-                raise ValueError(f"RNN: chrono_init is T_max, the longest dependency, and must be > 2; "
-                                 f"got {chrono_init!r}.")
-        if impl not in IMPLS:
-            raise ValueError(f"RNN: unknown impl {impl!r}; expected one of {', '.join(IMPLS)}.")
-        if impl == "scan_vjp" and spec.family != "lstm":
-            raise ValueError(f"RNN: impl='scan_vjp' supports the LSTM family; {spec.name!r} is a {spec.family} "
-                             f"(use impl='scan' or 'auto').")
-        if impl == "pallas":
-            from lstm_lab.kernels.pallas_rnn import pallas_unsupported
-            why = pallas_unsupported(spec, int(hidden_size), dtype=dtype, param_dtype=param_dtype,
-                                     block_h=(kernel_options or {}).get("block_h"))
-            if why:
-                raise ValueError(f"RNN: {why} (use impl='scan' or 'auto').")
-            if jax.default_backend() != "gpu" and (kernel_options or {}).get("interpret") is None:
-                _warn_interpret_once(jax.default_backend())
+        why = chrono_unsupported(spec, chrono_init)
+        if why:
+            raise ValueError(f"RNN: {why}")
+        for name, dt in (("dtype", dtype), ("param_dtype", param_dtype)):
+            if dt is not None and not _is_float_dtype(dt):
+                raise TypeError(f"RNN: {name} must be a floating-point dtype (jnp.float32, jnp.bfloat16, "
+                                f"jnp.float64){' or None' if name == 'dtype' else ''}; got {dt!r}.")
+        why = impl_unsupported(impl, spec, int(hidden_size), dtype=dtype, param_dtype=param_dtype,
+                               kernel_options=kernel_options)
+        if why:
+            raise ValueError(f"RNN: {why}")
+        if impl == "pallas" and jax.default_backend() != "gpu" and (kernel_options or {}).get("interpret") is None:
+            _warn_interpret_once(jax.default_backend())
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"RNN: rngs must be an nnx.Rngs, e.g. nnx.Rngs(0); got {rngs!r}.")
         self.spec = spec
@@ -543,13 +609,11 @@ class RNN(nnx.Module):
         try:
             values = np.asarray(seq_lengths)
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            values = None  # under jit: the range can't be checked here
+            values = None  # under jit the values are not known here: checked at run time in debug mode only
         if values is not None:
-            bad = np.argwhere((values < 1) | (values > T))
-            if bad.size:
-                at = tuple(int(i) for i in bad[0])
-                raise ValueError(f"RNN: seq_lengths must be in 1..T = 1..{T}; got {int(values[at])} at "
-                                 f"index {at} ({bad.shape[0]} value(s) out of range).")
+            _lengths_in_range(values, T)
+        elif debug_checks():
+            jax.debug.callback(functools.partial(_lengths_in_range, T=T), seq_lengths)
         return seq_lengths
 
     def _check_carry(self, initial_carry, batch_shape):
