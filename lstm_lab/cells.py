@@ -270,7 +270,7 @@ DESCRIPTIONS: dict[str, str] = {
     "np": "no peepholes (= lstm)",
     "cifg": "coupled input and forget gate (f = 1 - i)",
     "fgr": "full gate recurrence (gates see previous i, f, o)",
-    "gru": "GRU, Cho et al. 2014 (reset_after=True: cuDNN form)",
+    "gru": "GRU, Cho et al. 2014: n = tanh(W x + R (r*h)) (cuDNN/PyTorch form: CellSpec(family=\"gru\", reset_after=True))",
     "mgu": "minimal gated unit, Zhou et al. 2016",
     "rnn": "tanh RNN",
 }

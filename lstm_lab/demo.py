@@ -4,8 +4,9 @@ Uses the ``adding`` task of :mod:`lstm_lab.tasks` (two input channels over
 ``T`` steps, values and a marker with two ones; the target is the sum of the
 two marked values; always predicting 1.0 scores an MSE of 1/6).
 
-Run it with ``lstm-lab demo`` (``--cell``, ``--steps``, ``--length``, ...).
-This stands in for the default study until the study runner exists.
+Run it with ``lstm-lab demo`` (``--cell``, ``--steps``, ``--length``, ...): about 10 s on a 2-core CPU.
+It ends with the validation MSE against the baseline. ``lstm-lab sweep experiments/quick.py`` is the
+default study.
 """
 
 from __future__ import annotations
@@ -64,4 +65,11 @@ def run_demo(cell: str = "lstm", *, steps: int = 400, length: int = 30, hidden_s
             window = []
             history.append((i, mean))
             print_fn(f"step {i:5d}  train MSE {mean:.4f}  ({time.perf_counter() - start:.1f}s)")
+    forward = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
+    valid = task.evaluate(lambda b: forward(params, b.arrays()["inputs"]), "valid", 256)["mse"]
+    base = task.baseline["mse"]
+    verdict = "learned the task" if valid < 0.1 * base else ("beats the baseline" if valid < base else
+                                                             "does not beat the baseline yet (more --steps)")
+    print_fn(f"done: validation MSE {valid:.4f} = {100 * valid / base:.1f}% of the baseline {base:.3f} "
+             f"(always predicting 1.0) after {steps} steps in {time.perf_counter() - start:.1f}s: {verdict}")
     return history

@@ -33,11 +33,41 @@ def test_unknown_command_and_bad_cell_fail_clearly(capsys):
 def test_demo_loss_falls():
     logs = []
     history = run_demo("lstm", steps=300, length=20, hidden_size=32, log_every=50, print_fn=logs.append)
-    assert len(history) == 6 and len(logs) == 7
+    assert len(history) == 6 and len(logs) == 8
     first, last = history[0][1], history[-1][1]
     assert first > 0.1 and last < 0.25 * first, history
+    # the closing line: the validation MSE against the baseline 1/6
+    assert logs[-1].startswith("done: validation MSE ") and "of the baseline 0.167" in logs[-1], logs[-1]
+    valid = float(logs[-1].split()[3])
+    assert valid < 0.5 / 6 and "learned the task" in logs[-1] or "beats the baseline" in logs[-1]
 
 
+def test_preset_descriptions_state_only_flags_the_preset_has():
+    """A description naming a flag value (``reset_after=True``) must match the preset, unless it is shown
+    as another CellSpec (``CellSpec(family="gru", reset_after=True)``)."""
+    import re
+
+    from lstm_lab.cells import DESCRIPTIONS
+
+    for name, spec in VARIANTS.items():
+        text = re.sub(r"CellSpec\([^)]*\)", "", DESCRIPTIONS[name])
+        for field, value in re.findall(r"(\w+)=(\w+)", text):
+            if hasattr(spec, field):
+                assert str(getattr(spec, field)) == value, (name, field, value, DESCRIPTIONS[name])
+
+
+@pytest.mark.integration  # a fresh interpreter
+def test_lazy_submodules_keep_import_light():
+    code = ("import sys, lstm_lab; heavy = [m for m in ('optuna', 'pandas', 'matplotlib', 'orbax') if m in "
+            "sys.modules]; assert not heavy, heavy; assert lstm_lab.tasks.get('copy', T=3).T == 3; "
+            "assert lstm_lab.sweep.Study and lstm_lab.training.train and lstm_lab.interop.from_torch; "
+            "assert 'tasks' in dir(lstm_lab)\n"
+            "try:\n    lstm_lab.nope\nexcept AttributeError as e:\n    assert 'nope' in str(e)\n"
+            "else:\n    raise SystemExit('lstm_lab.nope did not raise')")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.integration
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "lstm_lab.cli", "variants"], capture_output=True, text=True,
                          check=True).stdout
