@@ -30,9 +30,10 @@ def atomic_json(path: pathlib.Path, data) -> None:
 
 
 def read_jsonl(path: pathlib.Path, kinds=None) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (optionally only those whose ``kind`` is in ``kinds``); a run resumed
-    from a checkpoint logs the steps after it again, so only the last record of each (kind, step) is kept.
-    A missing file or a torn last line (a killed writer) gives what could be read."""
+    """The records of a ``metrics.jsonl`` (optionally only those whose ``kind`` is in ``kinds``), by step.
+    Training writes one record per (kind, step) (a resume first cuts the file back to its checkpoint's step);
+    a file that repeats some anyway (written by an older version) gives the last record of each. A missing file,
+    a torn last line (a killed writer) or a line that is not a JSON object gives what could be read."""
     path = pathlib.Path(path)
     if not path.exists():
         return []
@@ -41,6 +42,8 @@ def read_jsonl(path: pathlib.Path, kinds=None) -> list[dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict):
             continue
         if kinds is None or rec.get("kind") in kinds:
             out[(rec.get("kind"), rec.get("step"))] = rec

@@ -10,12 +10,16 @@ that config alone (same evaluations, early stopping, divergence handling and
 best-validation test score; ``tests/test_population.py`` holds them equal).
 
 Each member keeps its own run directory (config.json, metrics.jsonl,
-summary.json). A population keeps no checkpoints: one cut off is trained again
-from the start (a sweep re-runs its trials).
+summary.json), locked for the whole call as a solo run locks its own
+(:class:`lstm_lab.training.WorkdirLock`); the config, task, optimizers and
+model are checked before any of them is written. A population keeps no
+checkpoints: one cut off is trained again from the start, its metrics.jsonl
+rewritten (a sweep re-runs its trials).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import sys
@@ -75,10 +79,31 @@ def train_population(cfgs: list, workdirs: list, *, quiet: bool = True, log: Cal
         tr.build_optimizer(c.optim, t.steps)  # the checks of a solo run
     task = tasks_lib.get(cfg0.task.name, **cfg0.task.options)
     info = tr._task_info(task)
+    models = [tr.build_model(c, info) for c in cfgs]
+    tr._trace_one_step(models[0], task, cfg0)  # the members differ in no shape
+    records = [tr.run_record(c, population=K) for c in cfgs]
     wds = [pathlib.Path(w) for w in workdirs]
+    if len({w.absolute() for w in wds}) != K:
+        raise ValueError("train_population: two members share a workdir; give each its own.")
+    with contextlib.ExitStack() as locks:  # nothing above wrote anything; every member's workdir is locked
+        for wd in wds:
+            locks.enter_context(tr.WorkdirLock(wd))
+        try:
+            return _train_locked(cfgs, wds, records, models, task, info, quiet=quiet, log=log, force=force)
+        except OSError as e:
+            bad = [wd for wd in wds if tr._is_not_writable(e, wd)]
+            if bad:
+                raise tr._not_writable(bad[0], e) from None
+            raise
+
+
+def _train_locked(cfgs, wds, records, models, task, info, *, quiet, log, force) -> list[dict]:
+    from lstm_lab import training as tr
+
+    K = len(cfgs)
     done: dict[int, dict] = {}
     for m, (c, wd) in enumerate(zip(cfgs, wds)):
-        tr._prepare_workdir(wd, tr.run_record(c, population=K), force, log)
+        tr._prepare_workdir(wd, records[m], force, log)
         sp = wd / "summary.json"
         if sp.exists() and not force:
             s = json.loads(sp.read_text())
@@ -91,13 +116,14 @@ def train_population(cfgs: list, workdirs: list, *, quiet: bool = True, log: Cal
     if len(done) == K:
         return [done[m] for m in range(K)]
     todo = [m for m in range(K) if m not in done]
-    sub = _fit_population([cfgs[m] for m in todo], [wds[m] for m in todo], task, info, quiet=quiet, log=log)
+    sub = _fit_population([cfgs[m] for m in todo], [wds[m] for m in todo], [models[m] for m in todo], task, info,
+                          quiet=quiet, log=log)
     out = dict(done)
     out.update(zip(todo, sub))
     return [out[m] for m in range(K)]
 
 
-def _fit_population(cfgs, wds, task, info, *, quiet, log) -> list[dict]:
+def _fit_population(cfgs, wds, models, task, info, *, quiet, log) -> list[dict]:
     from lstm_lab import training as tr
     from lstm_lab.data.batching import prefetch
 
@@ -106,7 +132,6 @@ def _fit_population(cfgs, wds, task, info, *, quiet, log) -> list[dict]:
     t = cfg0.train
     eval_bs = t.eval_batch_size or t.batch_size
     stateful = info["stateful"]
-    models = [tr.build_model(c, info) for c in cfgs]
     graphdef, _, rest = nnx.split(models[0], nnx.Param, ...)
     params = _stack([nnx.split(mdl, nnx.Param, ...)[1] for mdl in models])
     template = models[0]
