@@ -23,6 +23,30 @@ def _variants_table() -> str:
     return "\n".join(lines)
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is argparse's one-line error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0; got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
+    return value
+
+
 def _task_options(extra: list[str], parser) -> dict:
     from lstm_lab.config import parse_value
 
@@ -80,18 +104,20 @@ def describe_task(name: str, options: dict, *, batch_size: int = 4, seed: int = 
 
 
 def _train(args, parser) -> int:
+    """Exit codes: 0 done, 2 a usage/config/workdir error (one line), 3 the run diverged, 130 interrupted."""
     import pathlib
 
-    from lstm_lab.config import load_config, parse_value
-    from lstm_lab.training import RunConflictError, train
-
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            parser.error(f"--set expects KEY=VALUE; got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = parse_value(value)
+    workdir = args.workdir or str(pathlib.Path("runs") / pathlib.Path(args.config).stem)
     try:
+        from lstm_lab.config import load_config, parse_value
+        from lstm_lab.training import RunConflictError, WorkdirError, train
+
+        overrides = {}
+        for item in args.set:
+            if "=" not in item:
+                parser.error(f"--set expects KEY=VALUE; got {item!r}")
+            key, value = item.split("=", 1)
+            overrides[key.strip()] = parse_value(value)
         if args.distributed:
             from lstm_lab import distributed
 
@@ -101,9 +127,12 @@ def _train(args, parser) -> int:
         elif args.coordinator or args.num_processes is not None or args.process_id is not None:
             parser.error("--coordinator/--num-processes/--process-id need --distributed")
         cfg = load_config(args.config, overrides)
-        workdir = args.workdir or str(pathlib.Path("runs") / pathlib.Path(args.config).stem)
         summary = train(cfg, workdir, force=args.force, resume=args.resume or None, quiet=args.quiet)
-    except (KeyError, TypeError, ValueError, FileNotFoundError, RunConflictError) as e:
+    except KeyboardInterrupt as e:  # training.TrainingInterrupted says where it stopped and how to resume
+        msg = str(e) if e.args else "interrupted; run the same command to resume"
+        print(f"lstm-lab train: {msg}", file=sys.stderr)
+        return 130
+    except (KeyError, TypeError, ValueError, OSError, RunConflictError, WorkdirError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"lstm-lab train: error: {msg}", file=sys.stderr)
         return 2
@@ -115,7 +144,8 @@ def _train(args, parser) -> int:
 
 
 def _study_cmd(args) -> int:
-    """sweep / worker / status / report."""
+    """sweep / worker / status / report. Errors: one line, exit 2. Ctrl-C: one line, exit 130 (a sweep's or a
+    worker's unfinished trials are handed back: the same command resumes)."""
     import json
     import pathlib
 
@@ -123,44 +153,52 @@ def _study_cmd(args) -> int:
     from lstm_lab.sweep.runner import StorageError, StudyConflictError
 
     name = f"lstm-lab {args.command}"
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     try:
-        if args.command in ("sweep", "worker"):
-            log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-            if args.command == "worker":
-                from lstm_lab.sweep.runner import run_worker
+        if args.command == "worker":
+            from lstm_lab.sweep.runner import run_worker
 
-                study, study_dir = sweep.worker_study(args.study, args.dir, args.storage)
-                run_worker(study, study_dir, storage=args.storage, population=args.population or study.population,
-                           log=log, wait=not args.no_wait)
-                return 0
+            study, study_dir = sweep.worker_study(args.study, args.dir, args.storage)
+            run_worker(study, study_dir, storage=args.storage, population=args.population or study.population,
+                       log=log, wait=not args.no_wait, progress=not args.child)
+            return 0
+        if args.command == "sweep":
+            from lstm_lab.sweep.runner import format_status, prepare_study, study_status
+
             study = sweep.load_study(args.study)
             study_dir = pathlib.Path(args.dir) if args.dir else sweep.default_dir(study)
             if args.plan_only:
-                from lstm_lab.sweep.runner import format_status, prepare_study, study_status
-
                 prepare_study(study, study_dir, storage=args.storage, force=args.force, log=log)
                 print(format_status(study_status(study_dir, storage=args.storage)))
                 return 0
             st = sweep.run(study, study_dir, workers=args.workers, population=args.population or study.population,
-                           storage=args.storage,
-                           force=args.force, log=lambda m: print(m, file=sys.stderr))
-            from lstm_lab.sweep.runner import format_status
-
+                           storage=args.storage, force=args.force, log=log)
             print(format_status(st))
             if not args.no_report and st["complete"]:
-                path = sweep.report(study_dir, storage=args.storage)
-                print(f"report: {path} (and {path.with_suffix('.html')})")
-            return 0 if st["waiting"] == 0 and st["running"] == 0 else 1
+                if args.report or not sweep.report_is_current(study_dir, storage=args.storage):
+                    path = sweep.report(study_dir, storage=args.storage)
+                    print(f"report: {path} (and {path.with_suffix('.html')})")
+                else:
+                    print(f"report: {study_dir / 'report' / 'report.md'} is up to date (no trial changed since it "
+                          f"was written; --report writes it again)")
+            return 0 if st["waiting"] == 0 and st["running"] == 0 and st["dead"] == 0 else 1
         if args.command == "status":
             from lstm_lab.sweep.runner import format_status
 
             st = sweep.status(args.study_dir, storage=args.storage)
-            print(json.dumps(st, indent=2, default=str) if args.json else format_status(st))
+            print(json.dumps(st, indent=2, default=str) if args.json else format_status(st, failed=args.failed))
             return 0
         path = sweep.report(args.study_dir, args.out, storage=args.storage)
         print(f"report: {path} (and {path.with_suffix('.html')})")
         return 0
-    except (sweep.StudyError, StudyConflictError, StorageError, FileNotFoundError, KeyError, TypeError) as e:
+    except KeyboardInterrupt:
+        if args.command not in ("sweep", "worker"):
+            print(f"{name}: interrupted", file=sys.stderr)
+        elif not getattr(args, "child", False):  # a sweep's own workers: the sweep says it once
+            print("interrupted; run the same command to resume", file=sys.stderr)
+        return 130
+    except (sweep.StudyError, StudyConflictError, StorageError, FileNotFoundError, KeyError, TypeError,
+            ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{name}: error: {msg}", file=sys.stderr)
         return 2
@@ -170,18 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lstm-lab", description="LSTM-family cells, experiments and studies.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("variants", help="list every cell preset: family, flags, parameters at in = hidden = 128")
-    demo = sub.add_parser("demo", help="train a small model on the adding problem (CPU, about a minute)")
+    demo = sub.add_parser("demo", help="train a small LSTM on the adding problem (CPU, about 10 s)")
     demo.add_argument("--cell", default="lstm", help="preset name (see `lstm-lab variants`)")
-    demo.add_argument("--steps", type=int, default=400)
-    demo.add_argument("--length", type=int, default=30, help="sequence length T")
-    demo.add_argument("--hidden-size", type=int, default=32)
-    demo.add_argument("--learning-rate", type=float, default=1e-2)
+    demo.add_argument("--steps", type=_count, default=400)
+    demo.add_argument("--length", type=_count, default=30, help="sequence length T")
+    demo.add_argument("--hidden-size", type=_count, default=32)
+    demo.add_argument("--learning-rate", type=_positive_float, default=1e-2)
     demo.add_argument("--seed", type=int, default=0)
     data = sub.add_parser("data", help="describe a task's data: split sizes, vocabulary, baseline, a sample batch",
                           epilog="Task options follow as --name value, e.g. "
                                  "lstm-lab data char_lm --path ../shared/data/tinyshakespeare.txt --seq-len 64")
     data.add_argument("task", help="copy, adding, char_lm, word_lm or a registered task")
-    data.add_argument("--batch-size", type=int, default=4)
+    data.add_argument("--batch-size", type=_count, default=4)
     data.add_argument("--seed", type=int, default=0)
     tr = sub.add_parser("train", help="train one config: lstm-lab train experiments/copy.py [--set key=value ...]")
     tr.add_argument("config", help="an experiment file (experiments/*.py) or a run's config.json")
@@ -200,31 +238,41 @@ def main(argv: list[str] | None = None) -> int:
     sa = sub.add_parser("sample", help="sample text from a trained char_lm or word_lm run")
     sa.add_argument("workdir")
     sa.add_argument("--prompt", default="")
-    sa.add_argument("--length", type=int, default=300)
-    sa.add_argument("--temperature", type=float, default=1.0)
+    sa.add_argument("--length", type=_count, default=300, help="tokens to generate (>= 1)")
+    sa.add_argument("--temperature", type=_positive_float, default=1.0)
     sa.add_argument("--seed", type=int, default=0)
     sw = sub.add_parser("sweep", help="run a study: variants x hyperparameters x seeds (resumable), then report",
                         epilog="Example: lstm-lab sweep experiments/quick.py --workers 2 --population 8")
     wk = sub.add_parser("worker", help="one more worker on a study that `lstm-lab sweep` created (any machine)",
-                        epilog="Example: lstm-lab worker experiments/odyssey_char_lm.py --dir /shared/studies/odyssey_char_lm "
-                               "--storage postgresql://user:pass@dbhost/lstm_lab")
+                        epilog="Example: PGPASSWORD=... lstm-lab worker /shared/studies/odyssey_char_lm, or "
+                               "lstm-lab worker odyssey_char_lm --storage postgresql://user@dbhost/lstm_lab (the "
+                               "password from PGPASSWORD, ~/.pgpass or LSTM_LAB_STORAGE: never stored on disk)")
     sw.add_argument("study", help="a study file (experiments/quick.py, experiments/odyssey_*.py)")
     wk.add_argument("study", help="a study file, a study directory, or (with --storage) a study's name")
     for p in (sw, wk):
         p.add_argument("--dir", help="study directory (default studies/<study name>)")
         p.add_argument("--population", type=int, default=None, metavar="K",
                        help="train up to K trials of the same shape as one vmapped program (default: the study's)")
-        p.add_argument("--storage", help="an SQLAlchemy URL (default: sqlite study.db in the study directory)")
+        p.add_argument("--storage", help="an SQLAlchemy URL (default: sqlite study.db in the study directory); "
+                                          "its password is never written to disk (study.json stores the URL "
+                                          "without it: give it again here, in LSTM_LAB_STORAGE, PGPASSWORD or "
+                                          "~/.pgpass)")
     sw.add_argument("--workers", type=int, default=1, metavar="N", help="N local worker processes")
     sw.add_argument("--force", action="store_true", help="move a different study in --dir aside and start over")
-    sw.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    rep = sw.add_mutually_exclusive_group()
+    rep.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    rep.add_argument("--report", action="store_true",
+                     help="write the report even when no trial changed since it was last written")
     sw.add_argument("--plan-only", action="store_true",
                     help="create the study and enqueue its trials, run nothing (then start workers anywhere)")
     wk.add_argument("--no-wait", action="store_true",
                     help="exit when nothing is waiting, even while other workers' trials still run")
+    wk.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # started by `sweep --workers N`
     stt = sub.add_parser("status", help="per-variant progress of a study: planned/done/running/failed, best, ETA")
     stt.add_argument("study_dir", help="a study directory, or (with --storage) a study's name")
     stt.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    stt.add_argument("--failed", action="store_true",
+                     help="list every failed or diverged trial with the first line of its error")
     stt.add_argument("--storage", help="the study's SQLAlchemy URL if not the one in study.json")
     rp = sub.add_parser("report", help="write report.md/.html, figures and trials.csv for a study")
     rp.add_argument("study_dir", help="a study directory, or (with --storage) a study's name")

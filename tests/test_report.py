@@ -8,6 +8,7 @@ first in the fANOVA.
 
 from __future__ import annotations
 
+import base64
 import html
 import math
 import re
@@ -161,6 +162,25 @@ def test_welch(report):
     assert set(row(top, "NFG")) == set(top[0])
 
 
+def test_report_json_holds_the_numbers_the_tables_show(report):
+    import json
+
+    md = report[0].read_text()
+    data = json.loads((report[0].parent / "report.json").read_text())
+    assert data["baseline"] == "vanilla" and data["trials"] == 39
+    all_trials, _ = md_tables(section(md, "## Welch"))
+    for name, v in data["variants"].items():
+        if name == "vanilla":
+            assert v["p_value"] is None
+            continue
+        r = row(all_trials, display_name(name))
+        assert r["result"] == v["result"] and r["p-value"] == fmt_p(v["p_value"])
+    variants = md_tables(section(md, "## Variants"))[0]
+    assert fmt(data["variants"]["NFG"]["best"]) == row(variants, "NFG")["best"]
+    (table,) = md_tables(section(md, "## Hyperparameter importance"))
+    assert {r[0]: r[1] for r in table[1:]} == {k: fmt(v) for k, v in data["importance"].items()}
+
+
 def test_fanova_ranks_learning_rate_first(report):
     md = report[0].read_text()
     (table,) = md_tables(section(md, "## Hyperparameter importance"))
@@ -187,8 +207,13 @@ def test_html_has_the_same_content(report):
         for cells in table:
             for cell in cells:
                 assert html.escape(cell.replace("\\|", "|")) in page, cell
-    for name in FIGURES:
-        assert f'src="{name}"' in page
+    # one shareable file: every figure embedded as a data URI (the PNG's own bytes), none by relative path;
+    # trials.csv linked
+    srcs = re.findall(r'<img src="([^"]*)"', page)
+    assert len(srcs) == len(FIGURES) and all(s.startswith("data:image/png;base64,") for s in srcs), [s[:40] for s in srcs]
+    embedded = {base64.b64decode(s.split(",", 1)[1]) for s in srcs}
+    assert embedded == {(path.parent / name).read_bytes() for name in FIGURES}
+    assert '<a href="trials.csv">trials.csv</a>' in page and "[trials.csv](trials.csv)" in md
 
 
 def test_small_and_degenerate_studies(tmp_path):

@@ -23,13 +23,14 @@ from lstm_lab import sweep
 from lstm_lab.sweep import runner
 
 from conftest import free_port
+from test_study_planning import plan_at_once, trial_slots
 from test_sweep import cli, slot_outcomes, write_study
 
 PG = os.environ.get("LSTM_LAB_TEST_POSTGRES")
 PGCTL = os.environ.get("LSTM_LAB_TEST_PGCTL")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.xdist_group("postgres")
+pytestmark = [pytest.mark.xdist_group("postgres"), pytest.mark.integration]
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +50,9 @@ TRIAL = {"task.name": "copy", "task.options": {"T": 2}, "model.hidden_size": 8, 
 
 
 @pytest.fixture
-def pg_url():
-    """A fresh database on the test server, dropped afterwards."""
+def pg_url(monkeypatch):
+    """A fresh database on the test server, dropped afterwards. Exported as ``LSTM_LAB_STORAGE``, as a user would
+    (study.json keeps the URL without its password: reading a study directory takes the password from there)."""
     import sqlalchemy as sa
 
     name = f"t_{uuid.uuid4().hex[:10]}"
@@ -58,6 +60,7 @@ def pg_url():
     with admin.connect() as c:
         c.execute(sa.text(f"CREATE DATABASE {name}"))
     url = sa.engine.make_url(PG).set(database=name).render_as_string(hide_password=False)
+    monkeypatch.setenv(runner.STORAGE_ENV, url)
     yield url
     with admin.connect() as c:
         c.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -180,9 +183,70 @@ def test_bad_urls_credentials_and_a_different_study(tmp_path, pg_url):
     for d in (sd, tmp_path / "fresh_dir"):
         out = cli("worker", g, "--dir", d, "--storage", pg_url, check=False)
         assert out.returncode == 2 and "different study" in out.stderr, out.stderr
-    # a worker on a machine with the study's name only: the study file's text comes from the database
+    # a worker on a machine with the study's name only: the study is rebuilt from its record in the database
     f.unlink()
     study, d = sweep.worker_study("bad", tmp_path / "by_name", pg_url)
     assert study.fingerprint() == runner.study_dir_info(sd)["fingerprint"] and d == tmp_path / "by_name"
     runner.attach_study(study, d, pg_url, log=lambda m: None)
     assert runner.study_status(d)["planned"] == 2
+
+
+def test_planners_on_one_database_without_a_shared_directory_plan_once(tmp_path, pg_url):
+    """Two machines plan the same study into one PostgreSQL database at the same moment, each with its own
+    study directory (the file lock cannot help): the database's advisory lock makes it one plan. The first
+    round also races on creating Optuna's tables in the fresh database."""
+    f = write_study(tmp_path / "s.py", name="twice", base=TRIAL, variants=("vanilla", "nfg", "nig"))
+    rounds = 4
+    plan_at_once(f, tmp_path / "pg", rounds, "shared_db", storage=pg_url)
+    for r in range(rounds):
+        for me in (0, 1):
+            slots = trial_slots(tmp_path / "pg" / f"round{r}-{me}", pg_url)
+            assert len(slots) == 6 and len(set(slots)) == 6, (r, me, sorted(slots))
+
+
+def test_passwords_are_masked_and_never_written(tmp_path, pg_url):
+    import sqlalchemy as sa
+
+    password = sa.engine.make_url(pg_url).password
+    f = write_study(tmp_path / "s.py", name="secret", base=TRIAL, variants=("vanilla",), trials_per_variant=2)
+    sd = tmp_path / "study"
+    clean = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", runner.STORAGE_ENV)}
+    out = subprocess.run([sys.executable, "-m", "lstm_lab.cli", "sweep", str(f), "--dir", str(sd), "--storage", pg_url,
+                          "--workers", "2", "--no-report"], capture_output=True, text=True, cwd=ROOT,
+                         env={**clean, **FAST_HEARTBEAT})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert password not in out.stdout + out.stderr and "planned 2 trials in postgresql://lstm:***@" in out.stderr
+    assert out.stderr.count("complete test.loss=") == 2, out.stderr  # the workers got the password (not on disk)
+    for path in sd.rglob("*"):  # nothing under the study directory holds the password
+        if path.is_file():
+            assert password.encode() not in path.read_bytes(), path
+    stored = json.loads((sd / "study.json").read_text())["storage"]
+    assert stored == runner.without_password(pg_url) and "@" in stored
+    ostudy = runner.open_study(sd, pg_url)
+    assert password not in json.dumps([ostudy.user_attrs, [t.user_attrs for t in ostudy.trials]], default=str)
+
+    def status(**env):
+        return subprocess.run([sys.executable, "-m", "lstm_lab.cli", "status", str(sd)], capture_output=True,
+                              text=True, cwd=ROOT, env={**clean, **env})
+
+    out = status()  # no password anywhere: libpq asks the server, which refuses
+    assert out.returncode == 2 and "password" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    out = status(**{runner.STORAGE_ENV: pg_url})
+    assert out.returncode == 0 and "complete" in out.stdout and password not in out.stdout, out.stderr
+    out = status(PGPASSWORD=password)
+    assert out.returncode == 0 and "complete" in out.stdout and password not in out.stdout, out.stderr
+
+
+def test_emptied_postgres_database_is_not_given_a_schema(tmp_path, pg_url):
+    import sqlalchemy as sa
+
+    f = write_study(tmp_path / "s.py", name="empty", base=TRIAL, variants=("vanilla",), trials_per_variant=1)
+    sd = tmp_path / "study"
+    cli("sweep", f, "--dir", sd, "--storage", pg_url, "--plan-only")
+    engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as c:
+        c.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    out = cli("status", sd, "--storage", pg_url, check=False)
+    assert out.returncode == 2 and "empty or not a study database" in out.stderr, out.stderr
+    assert sa.inspect(engine).get_table_names() == []
+    engine.dispose()

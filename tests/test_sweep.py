@@ -112,6 +112,7 @@ def test_study_file_relative_base(tmp_path):
 # ---------------------------------------------------------------------------
 # Storage and study directories
 # ---------------------------------------------------------------------------
+@pytest.mark.integration  # lstm-lab processes
 def test_unreachable_storage_writes_nothing(tmp_path):
     study = sweep.load_study(write_study(tmp_path / "s.py"))
     for url in (f"sqlite:///{tmp_path}/no/such/dir/x.db", "nosuchdialect://x/y"):
@@ -133,6 +134,7 @@ def test_different_study_in_dir_is_refused(tmp_path):
     assert list(tmp_path.glob("st.replaced-*"))  # the old one moved aside, not deleted
 
 
+@pytest.mark.integration  # lstm-lab processes
 def test_report_without_completed_trials_fails(tmp_path):
     study = sweep.load_study(write_study(tmp_path / "s.py"))
     runner.prepare_study(study, tmp_path / "st", log=lambda m: None)
@@ -148,6 +150,7 @@ def test_report_without_completed_trials_fails(tmp_path):
 # ---------------------------------------------------------------------------
 # Running: SIGKILL + resume, failures, workers and populations
 # ---------------------------------------------------------------------------
+@pytest.mark.integration  # lstm-lab processes
 def test_sigkill_mid_sweep_then_rerun_completes_each_trial_once(tmp_path):
     f = write_study(tmp_path / "s.py")
     sd = tmp_path / "st"
@@ -155,7 +158,12 @@ def test_sigkill_mid_sweep_then_rerun_completes_each_trial_once(tmp_path):
     out = cli("sweep", f, "--dir", sd, "--no-report", env={"LSTM_LAB_DEBUG_SIGKILL_TRIAL": "1:15"}, check=False)
     assert out.returncode == -9, out.stderr
     st = sweep.status(sd)
-    assert st["complete"] == 1 and st["running"] == 1
+    # the killed worker's trial is still RUNNING in the database, but its pid is gone: shown as dead, not running
+    assert st["complete"] == 1 and st["running"] == 0 and st["dead"] == 1, st
+    assert [d["slot"] for d in st["dead_trials"]] == ["vanilla/0001"] and "is gone" in st["dead_trials"][0]["why"]
+    assert st["eta_seconds"] is not None
+    shown = cli("status", sd).stdout
+    assert "vanilla/0001: running (worker dead): worker pid" in shown and " dead " in shown.splitlines()[1], shown
     out = cli("sweep", f, "--dir", sd, "--no-report")
     assert "vanilla/0001): its worker (pid" in out.stderr and "died; enqueued again" in out.stderr
     outcomes = slot_outcomes(sd)
@@ -176,21 +184,26 @@ def test_sigkill_mid_sweep_then_rerun_completes_each_trial_once(tmp_path):
     assert st["variants"]["nfg"]["complete"] == 2 and st["variants"]["vanilla"]["planned"] == 2
 
 
+@pytest.mark.integration  # lstm-lab processes
 def test_workers_populations_failures_and_report(tmp_path):
-    # lr 1e38 without clipping diverges; dropout 1.5 raises when the model is built: each is recorded, the
-    # sweep goes on; the two learning rates of one (variant, dropout) train as a population of 2
+    # lr 1e38 without clipping diverges; a task that is not registered raises when the trial starts (a valid
+    # config: the study accepts it): each is recorded, the sweep goes on; the two learning rates of one
+    # (variant, task) train as a population of 2
     f = write_study(tmp_path / "s.py", search="grid", overrides={"optim.clip_norm": 0.0},
-                    space={"optim.learning_rate": "Choice(0.05, 1e38)", "model.dropout": "Choice(0.0, 1.5)"})
+                    space={"optim.learning_rate": "Choice(0.05, 1e38)", "task.name": "Choice('copy', 'nosuchtask')"})
     sd = tmp_path / "st"
     out = cli("sweep", f, "--dir", sd, "--workers", "2", "--population", "2", check=False)
     assert out.returncode == 0, out.stderr
+    # the workers' lines come through the sweep, one per trial (no trial is taken by both workers)
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("trial ")]
+    assert len(lines) == 8 and len({ln.split(":")[0] for ln in lines}) == 8, out.stderr
     df = sweep.trials(sd)
     assert len(df) == 8 and df["slot"].is_unique
     assert (sweep.trials(sd, all_attempts=True)["status"] != "interrupted").all()
     rows = df.to_dict("records")
     for r in rows:
-        if r["model.dropout"] == 1.5:
-            assert r["status"] == "failed" and "model.dropout" in r["error"], r
+        if r["task.name"] == "nosuchtask":
+            assert r["status"] == "failed" and "nosuchtask" in r["error"], r
         elif r["optim.learning_rate"] == 1e38:
             assert r["status"] == "diverged", r
         else:

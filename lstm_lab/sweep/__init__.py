@@ -25,7 +25,7 @@ from lstm_lab.sweep.study import (ODYSSEY_BASE, ODYSSEY_SPACE, ODYSSEY_SPACE_POP
 
 __all__ = ["Study", "StudyError", "LogUniform", "Uniform", "OneMinusLogUniform", "IntLogUniform", "IntUniform",
            "Choice", "ODYSSEY_VARIANTS", "ODYSSEY_SPACE", "ODYSSEY_SPACE_POPULATION", "ODYSSEY_BASE", "load_study", "run", "trials", "curves",
-           "status", "report", "default_dir", "worker_study"]
+           "status", "report", "report_is_current", "default_dir", "worker_study"]
 
 
 def default_dir(study: Study) -> pathlib.Path:
@@ -44,11 +44,11 @@ def run(study, study_dir=None, *, workers: int = 1, population: int = 1, storage
 
 
 def worker_study(arg, study_dir=None, storage: str | None = None) -> tuple[Study, pathlib.Path]:
-    """What ``lstm-lab worker ARG`` runs: ``ARG`` is a study file, a study directory (its ``study.json``
-    names the file; its stored text is used when the file is not on this machine), or, with
-    ``storage``, the name of a study in that database. Returns the study and its directory."""
-    import tempfile
-
+    """What ``lstm-lab worker ARG`` runs: ``ARG`` is a study file (executed: it is the user's own Python), a
+    study directory, or, with ``storage``, the name of a study in that database. For a directory or a name
+    the study is rebuilt as data from its stored record (the resolved base config, the variants, the
+    distributions, the search; :meth:`Study.from_record`), never by executing a file or text it names, and
+    must have the stored fingerprint. Returns the study and its directory."""
     from lstm_lab.sweep.runner import _info_from_db, study_dir_info
 
     path = pathlib.Path(arg)
@@ -56,22 +56,16 @@ def worker_study(arg, study_dir=None, storage: str | None = None) -> tuple[Study
         study = load_study(path)
         return study, pathlib.Path(study_dir) if study_dir else default_dir(study)
     if (path / "study.json").is_file():
-        info, sd = study_dir_info(path), path
+        info, sd = study_dir_info(path, storage), path
     elif storage is not None and not path.exists():
         info, sd = _info_from_db(path.name, storage), None
     else:
         raise FileNotFoundError(f"{arg!r} is neither a study file nor a study directory"
                                 + ("" if storage else " (a study name needs --storage URL)") + ".")
-    src = info.get("source")
-    if src and pathlib.Path(src).is_file():
-        study = load_study(src)
-    elif info.get("source_text"):
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix="lstm_lab_study_")) / pathlib.Path(src or "study.py").name
-        tmp.write_text(info["source_text"])
-        study = load_study(tmp)
-    else:
-        raise FileNotFoundError(f"{arg!r}: the study file {src!r} is not on this machine and its text was not "
-                                f"stored; pass the study file instead.")
+    study = Study.from_record(info["study"], source=info.get("source") or "", population=info.get("population") or 1)
+    if study.fingerprint() != info.get("fingerprint"):
+        raise StudyError(f"{arg!r}: the stored study record does not rebuild the planned study (fingerprint "
+                         f"{study.fingerprint()} != {info.get('fingerprint')}); pass the study file instead.")
     sd = pathlib.Path(study_dir) if study_dir else (sd or default_dir(study))
     return study, sd
 
@@ -96,13 +90,19 @@ def status(study_dir, *, storage: str | None = None) -> dict:
     return study_status(study_dir, storage=storage)
 
 
+REPORT_STATE = ".trials-digest"  # in the report directory: the trials the report was written from
+
+
 def report(study_dir, out_dir=None, *, storage: str | None = None) -> pathlib.Path:
-    """Write the Odyssey-style report (``report.md``, ``report.html``, figures, ``trials.csv``); its path."""
+    """Write the Odyssey-style report (``report.md``, one-file ``report.html``, figures, ``trials.csv``); its
+    path. ``<out>/.trials-digest`` records the trials it was written from (:func:`report_is_current`)."""
     import math
 
-    from lstm_lab.sweep.runner import load_curves, load_trials, open_study, study_dir_info
+    from lstm_lab._io import atomic_json
+    from lstm_lab.sweep.runner import load_curves, load_trials, open_study, study_dir_info, trials_digest
 
     info = study_dir_info(study_dir, storage)
+    frozen = open_study(study_dir, storage).get_trials(deepcopy=False)
     df = load_trials(study_dir, storage=storage)
     complete = df[(df["status"] == "complete") & df["value"].map(lambda v: isinstance(v, float) and math.isfinite(v))]
     if complete.empty:
@@ -114,6 +114,24 @@ def report(study_dir, out_dir=None, *, storage: str | None = None) -> pathlib.Pa
             "task": rec["base_config"]["task"]["name"], "params": info["params"]}
     from lstm_lab.sweep.reporting import build_report
 
-    frozen = open_study(study_dir, storage).get_trials(deepcopy=False)
     out = pathlib.Path(out_dir) if out_dir else pathlib.Path(study_dir) / "report"
-    return build_report(out, meta, df, load_curves(study_dir, storage=storage, trials=df), frozen)
+    path = build_report(out, meta, df, load_curves(study_dir, storage=storage, trials=df), frozen)
+    atomic_json(out / REPORT_STATE, {"digest": trials_digest(trials=frozen), "trials": len(frozen)})
+    return path
+
+
+def report_is_current(study_dir, out_dir=None, *, storage: str | None = None) -> bool:
+    """Whether the report in ``out_dir`` (default ``<study_dir>/report``) was written from the study's trials as
+    they are now (no trial added, finished or changed since)."""
+    import json
+
+    from lstm_lab.sweep.runner import open_study, trials_digest
+
+    out = pathlib.Path(out_dir) if out_dir else pathlib.Path(study_dir) / "report"
+    try:
+        state = json.loads((out / REPORT_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not all((out / name).is_file() for name in ("report.md", "report.html")):
+        return False
+    return state.get("digest") == trials_digest(open_study(study_dir, storage))

@@ -22,8 +22,10 @@ for every variant and task, then asking three questions of the results:
 ``build_report`` reproduces that analysis for one study, plus learning curves of
 each variant's best trial.  It is pure: it takes the study's data, writes
 ``report.md`` and ``report.html`` (the same blocks rendered twice), the figures
-(PNG, referenced by relative paths) and ``trials.csv`` into ``out_dir``, and
-returns the path of ``report.md``.  Nothing here runs or changes a study.
+(PNG files, referenced by relative paths from ``report.md``; embedded in
+``report.html`` as data URIs, so the HTML page is one file to share) and
+``trials.csv`` (linked from both) into ``out_dir``, and returns the path of
+``report.md``.  Nothing here runs or changes a study.
 
 Figures are drawn on :class:`matplotlib.figure.Figure` objects directly (never
 ``pyplot``), so no GUI backend is touched, no global figure registry fills up,
@@ -100,8 +102,15 @@ class Paragraph:
 
 
 @dataclasses.dataclass
+class Link:
+    """A link to a file next to the report (a bullet list item)."""
+    href: str
+    text: str = ""
+
+
+@dataclasses.dataclass
 class BulletList:
-    items: list[str]
+    items: list  # str or Link + description: (Link, str)
 
 
 @dataclasses.dataclass
@@ -129,6 +138,34 @@ def _md_cell(text: str) -> str:
     return str(text).replace("\n", " ").replace("|", "\\|")
 
 
+def _md_item(item) -> str:
+    if isinstance(item, tuple):
+        return "".join(_md_item(x) for x in item)
+    if isinstance(item, Link):
+        return f"[{item.text or item.href}]({item.href})"
+    return str(item)
+
+
+def _html_item(item) -> str:
+    if isinstance(item, tuple):
+        return "".join(_html_item(x) for x in item)
+    if isinstance(item, Link):
+        return f'<a href="{html.escape(item.href)}">{html.escape(item.text or item.href)}</a>'
+    return html.escape(str(item))
+
+
+def _data_uri(path: pathlib.Path) -> str | None:
+    import base64
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    kind = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg"}.get(path.suffix.lower(),
+                                                                                   "application/octet-stream")
+    return f"data:{kind};base64,{base64.b64encode(data).decode('ascii')}"
+
+
 def to_markdown(blocks: Sequence[Block]) -> str:
     """Render blocks as GitHub-flavoured Markdown."""
     out: list[str] = []
@@ -138,7 +175,7 @@ def to_markdown(blocks: Sequence[Block]) -> str:
         elif isinstance(b, Paragraph):
             out.append(b.text)
         elif isinstance(b, BulletList):
-            out.append("\n".join(f"- {item}" for item in b.items))
+            out.append("\n".join(f"- {_md_item(item)}" for item in b.items))
         elif isinstance(b, Table):
             rule = ["---:" if a == "right" else ":---" for a in b.alignment()]
             lines = ["| " + " | ".join(_md_cell(c) for c in b.columns) + " |", "| " + " | ".join(rule) + " |"]
@@ -167,8 +204,9 @@ figcaption { color: #555; font-size: .92em; }
 """
 
 
-def to_html(blocks: Sequence[Block], title: str) -> str:
-    """Render blocks as one self-contained HTML page (inline CSS, images by relative path)."""
+def to_html(blocks: Sequence[Block], title: str, base_dir: str | pathlib.Path | None = None) -> str:
+    """Render blocks as one self-contained HTML page: inline CSS, and each image embedded as a base64 data URI
+    (read from ``base_dir``; an image not found there stays a relative link)."""
     esc = html.escape
     body: list[str] = []
     for b in blocks:
@@ -177,7 +215,7 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
         elif isinstance(b, Paragraph):
             body.append(f"<p>{esc(b.text)}</p>")
         elif isinstance(b, BulletList):
-            body.append("<ul>\n" + "\n".join(f"<li>{esc(i)}</li>" for i in b.items) + "\n</ul>")
+            body.append("<ul>\n" + "\n".join(f"<li>{_html_item(i)}</li>" for i in b.items) + "\n</ul>")
         elif isinstance(b, Table):
             al = b.alignment()
             head = "".join(f'<th class="{a}">{esc(str(c))}</th>' for c, a in zip(b.columns, al))
@@ -186,7 +224,8 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
             body.append(f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>")
         elif isinstance(b, Image):
             cap = f"\n<figcaption>{esc(b.caption)}</figcaption>" if b.caption else ""
-            body.append(f'<figure><img src="{esc(b.path)}" alt="{esc(b.alt)}">{cap}</figure>')
+            src = _data_uri(pathlib.Path(base_dir) / b.path) if base_dir is not None else None
+            body.append(f'<figure><img src="{esc(src or b.path)}" alt="{esc(b.alt)}">{cap}</figure>')
         else:  # pragma: no cover - programming error
             raise TypeError(f"unknown block {b!r}")
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{esc(title)}</title>\n'
@@ -533,7 +572,7 @@ def _welch(st: _Study, a: np.ndarray, b: np.ndarray, variant: str) -> _Welch:
     return res
 
 
-def _welch_section(st: _Study, out: pathlib.Path) -> list[Block]:
+def _welch_section(st: _Study, out: pathlib.Path, numbers: dict | None = None) -> list[Block]:
     blocks: list[Block] = [Heading("Welch's t-test against the baseline")]
     if st.baseline is None or st.baseline not in st.present:
         why = "no baseline is set" if st.baseline is None else f"the baseline {st.baseline} has no complete trials"
@@ -558,6 +597,9 @@ def _welch_section(st: _Study, out: pathlib.Path) -> list[Block]:
                  _DASH if r.t is None else f"{r.t:.3g}", _DASH if r.p is None else fmt_p(r.p), r.mark]
                 for r in results[key]]
         blocks += [Heading(title, 3), Table(cols, rows, ["left"] + ["right"] * 6 + ["left"])]
+    if numbers is not None:
+        numbers["welch"] = {r.variant: {"n": r.n, "mean": r.mean, "difference": r.diff, "t": r.t, "p_value": r.p,
+                                        "result": r.mark} for r in results["all"]}
     _welch_figure(st, results, out / "welch.png")
     blocks.append(Image("welch.png", "mean difference against the baseline",
                         f"Mean difference to {st.baseline} with the 95% Welch confidence interval; "
@@ -765,7 +807,8 @@ def _param_label(st: _Study, optuna_name: str) -> str:
     return display_name(optuna_name)
 
 
-def _importance_section(st: _Study, out: pathlib.Path, frozen_trials: Sequence[Any]) -> list[Block]:
+def _importance_section(st: _Study, out: pathlib.Path, frozen_trials: Sequence[Any],
+                        numbers: dict | None = None) -> list[Block]:
     blocks: list[Block] = [Heading("Hyperparameter importance (fANOVA)")]
     try:
         fa = _fanova(st, frozen_trials)
@@ -776,6 +819,8 @@ def _importance_section(st: _Study, out: pathlib.Path, frozen_trials: Sequence[A
         "optuna's FanovaImportanceEvaluator(seed=0), normalised to sum to 1 per column), over all complete "
         "trials (with the variant as one more factor) and per variant (numeric hyperparameters only). "
         "const.: the hyperparameter did not vary in those trials."))
+    if numbers is not None and "all" in fa.importance:
+        numbers["importance"] = {_param_label(st, n): float(v) for n, v in fa.importance["all"].items()}
     if fa.columns:
         rows = []
         for n in fa.params:
@@ -1015,6 +1060,28 @@ def _curves(st: _Study, out: pathlib.Path, curves: pd.DataFrame | None) -> list[
 # --------------------------------------------------------------------------------------------
 
 
+def _write_numbers(st: _Study, numbers: dict, path: pathlib.Path) -> None:
+    """``report.json``: the report's numbers for scripts (``scripts/readme_results.py``): per variant the
+    complete count, best, mean and Welch's test against the baseline (all trials); fANOVA importance over all
+    trials (the variant included). The same values the tables show, computed once."""
+    import json
+
+    welch = numbers.get("welch", {})
+    per_variant = int(st.trials.groupby("variant").size().max()) if len(st.trials) else 0
+    variants = {}
+    for v in st.variants:
+        vals = st.values[v]
+        w = welch.get(v, {})
+        variants[v] = {"complete": int(len(vals)),
+                       "best": float((vals[np.argmin(st.sign * vals)]) if len(vals) else math.nan),
+                       "mean": float(vals.mean()) if len(vals) else None,
+                       "p_value": w.get("p_value"), "result": w.get("result")}
+    data = {"name": st.name, "metric": st.metric, "direction": st.direction, "baseline": st.baseline,
+            "trials": int(len(st.trials)), "per_variant": per_variant, "variants": variants,
+            "importance": numbers.get("importance", {})}
+    path.write_text(json.dumps(data, indent=2, default=lambda o: None) + "\n", encoding="utf-8")
+
+
 def build_report(
     out_dir: str | pathlib.Path,
     info: dict[str, Any],
@@ -1025,7 +1092,8 @@ def build_report(
     """Write the Odyssey-style report of a study into ``out_dir`` and return the path of ``report.md``.
 
     Args:
-        out_dir: created if missing; receives ``report.md``, ``report.html``, ``trials.csv`` and the
+        out_dir: created if missing; receives ``report.md``, ``report.html``, ``report.json`` (the numbers),
+            ``trials.csv`` and the
             figures (``distributions.png``, ``welch.png``, ``importance.png``, ``hyperparams.png``,
             ``curves.png``; a figure whose section is skipped is not written).
         info: the study: ``name``, ``task``, ``metric``, ``direction`` ("minimize"/"maximize"),
@@ -1048,16 +1116,19 @@ def build_report(
     blocks += _summary(st)
     blocks += _variants_section(st)
     blocks += _distributions(st, out)
-    blocks += _welch_section(st, out)
-    blocks += _importance_section(st, out, frozen_trials)
+    numbers: dict[str, Any] = {}
+    blocks += _welch_section(st, out, numbers)
+    blocks += _importance_section(st, out, frozen_trials, numbers)
     blocks += _hyperparams(st, out)
     blocks += _curves(st, out, curves)
     trials.to_csv(out / "trials.csv", index=False)
     blocks += [Heading("Files"),
-               BulletList(["trials.csv: every trial of the study (all statuses), one row each.",
-                           "report.md / report.html: this report."])]
+               BulletList([(Link("trials.csv"), ": every trial of the study (all statuses), one row each."),
+                           "report.md / report.html: this report (report.html embeds its figures: one file to "
+                           "share)."])]
+    _write_numbers(st, numbers, out / "report.json")
     title = f"{st.name}: LSTM variant study"
-    (out / "report.html").write_text(to_html(blocks, title), encoding="utf-8")
+    (out / "report.html").write_text(to_html(blocks, title, base_dir=out), encoding="utf-8")
     path = out / "report.md"
     path.write_text(to_markdown(blocks), encoding="utf-8")
     return path

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -74,6 +73,10 @@ class _Dist:
     def describe(self) -> dict:
         return {"kind": self.kind, "low": getattr(self, "low", None), "high": getattr(self, "high", None),
                 "choices": list(getattr(self, "values", ())) or None}
+
+    def extremes(self) -> list:
+        """The actual config values a study must accept: both ends of the range (every Choice value)."""
+        return [self.to_actual(self.low), self.to_actual(self.high)]
 
     def suggest(self, trial, key: str):
         """Ask an Optuna trial for this parameter (a planned value is returned as is); the actual value."""
@@ -166,6 +169,9 @@ class IntLogUniform(_Dist):
     def to_optuna(self, optuna):
         return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=True)
 
+    def extremes(self):
+        return [int(self.low), int(self.high)]
+
     def _grid_values(self, n):
         return sorted({int(round(v)) for v in np.geomspace(self.low, self.high, n)})
 
@@ -194,6 +200,9 @@ class IntUniform(_Dist):
     def to_optuna(self, optuna):
         return optuna.distributions.IntDistribution(int(self.low), int(self.high))
 
+    def extremes(self):
+        return [int(self.low), int(self.high)]
+
     def sample(self, rng):
         return int(rng.integers(self.low, self.high + 1))
 
@@ -218,6 +227,9 @@ class Choice(_Dist):
 
     def to_optuna(self, optuna):
         return optuna.distributions.CategoricalDistribution(self.values)
+
+    def extremes(self):
+        return [v.item() if hasattr(v, "item") else v for v in self.values]
 
     def sample(self, rng):
         v = self.values[int(rng.integers(len(self.values)))]
@@ -248,6 +260,11 @@ ODYSSEY_SPACE_POPULATION = {**ODYSSEY_SPACE, "model.hidden_size": IntLogUniform(
 @dataclasses.dataclass(frozen=True)
 class Study:
     """One ablation study. See the module docstring for a full example.
+
+    A study is checked when it is made, before anything is written: every variant on the base config, and
+    both ends of every distribution's range (every Choice value) on every variant, must build a valid
+    training config (the config's own rules decide); otherwise a :class:`StudyError` names the variant,
+    the key and the value.
 
     Args:
       name: the Optuna study name (one database may hold many studies).
@@ -344,7 +361,26 @@ class Study:
         try:
             self.base_config()
         except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-            raise StudyError(f"study base config: {e}") from None
+            raise StudyError(f"study base config: {_msg(e)}") from None
+        self._check_configs()
+
+    def _check_configs(self) -> None:
+        """Every variant on the base config, and every end of every distribution's range (each Choice value)
+        on every variant, must make a valid training config (the config's own rules decide: nothing is
+        planned that could only fail when its trial starts)."""
+        for variant in self.variant_names:
+            try:
+                self.config_for(variant, {}, 0)
+            except (ValueError, TypeError, KeyError) as e:
+                raise StudyError(f"study variant {variant!r} with the base config: {_msg(e)}") from None
+            for key, dist in sorted(self.space.items()):
+                for value in dist.extremes():
+                    try:
+                        self.config_for(variant, {key: value}, 0)
+                    except (ValueError, TypeError, KeyError) as e:
+                        raise StudyError(f"study space {key!r}: {dist!r} reaches {key}={value!r}, an invalid config "
+                                         f"(variant {variant!r}): {_msg(e)} Narrow the distribution (or change "
+                                         f"the base config).") from None
 
     # -- accessors -------------------------------------------------------------------
     @property
@@ -360,7 +396,11 @@ class Study:
         raise StudyError(f"variant {variant!r} is not in study {self.name!r}.")
 
     def base_config(self):
-        """The base training config: the ``base`` file or dict, then ``overrides``."""
+        """The base training config: the ``base`` file or dict, then ``overrides`` (built once per study
+        object: an experiment file named by ``base`` is executed once)."""
+        cached = self.__dict__.get("_base_config")
+        if cached is not None:
+            return cached
         from lstm_lab.config import Config, apply_overrides, load_config
 
         if isinstance(self.base, dict):
@@ -370,7 +410,9 @@ class Study:
             if not path.is_absolute() and self.source:
                 path = pathlib.Path(self.source).parent / path
             cfg = load_config(path)
-        return apply_overrides(cfg, self.overrides)
+        cfg = apply_overrides(cfg, self.overrides)
+        object.__setattr__(self, "_base_config", cfg)
+        return cfg
 
     def config_for(self, variant: str, hyper: dict, seed: int):
         """The training config of one trial: base, then the variant, the hyperparameters and the seed."""
@@ -392,6 +434,26 @@ class Study:
                 "trials_per_variant": self.trials_per_variant, "seeds": self.seeds, "metric": self.metric,
                 "direction": self.direction, "baseline": self.baseline, "search": self.search,
                 "sampler_seed": self.sampler_seed, "grid_points": self.grid_points}
+
+    @classmethod
+    def from_record(cls, record: dict, *, source: str = "", population: int = 1) -> "Study":
+        """The study :meth:`record` describes, rebuilt as data (no study or experiment file is read or
+        executed): the resolved base config, the variants, the distributions and the search. Its
+        :meth:`fingerprint` equals the recorded study's."""
+        from lstm_lab.config import from_dict, to_overrides
+
+        try:
+            base = to_overrides(from_dict(record["base_config"]))
+            space = {k: dist_from_description(d) for k, d in record.get("space", {}).items()}
+            fields = {k: record[k] for k in ("trials_per_variant", "seeds", "metric", "direction", "baseline",
+                                             "search", "sampler_seed", "grid_points")}
+            variants = tuple(v if isinstance(v, str) else dict(v) for v in record["variants"])
+            name = record["name"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise StudyError(f"the stored study record is incomplete or invalid ({_msg(e)}); plan the study "
+                             f"again from its study file.") from None
+        return cls(name=name, base=base, variants=variants, space=space, population=int(population or 1),
+                   source=source or "", **fields)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.record(), sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -436,18 +498,28 @@ class Study:
         return optuna.samplers.RandomSampler(seed=self.sampler_seed)  # planned trials: every value is fixed
 
 
+def _msg(e: BaseException) -> str:
+    """An exception's message, one line (a KeyError's without the repr quotes)."""
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_study(path) -> Study:
-    """The ``study`` defined by a study file (``.py``)."""
+    """The ``study`` defined by a study file (``.py``). The file is Python and is executed: a syntax error
+    or any exception in it (or in an experiment file it names as ``base``) is a :class:`StudyError` of one
+    line, ``study file <path>:<line>: <Error>: <message>``."""
+    from lstm_lab._pyfile import UserFileError, exec_file
+
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"study file {str(path)!r} does not exist.")
-    spec = importlib.util.spec_from_file_location(f"_lstm_lab_study_{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)
+    if not path.is_file():
+        raise StudyError(f"study file {str(path)!r} is not a file (a study file is a .py that defines `study`).")
     _LOADING.append(str(path.resolve()))
     try:
-        spec.loader.exec_module(mod)
-    except StudyError as e:
-        raise StudyError(f"{path}: {e}") from None
+        mod = exec_file(path, f"_lstm_lab_study_{path.stem}", "study file")
+    except UserFileError as e:
+        raise StudyError(str(e)) from None
     finally:
         _LOADING.pop()
     study = getattr(mod, "study", None)
