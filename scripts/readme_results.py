@@ -1,0 +1,309 @@
+"""Regenerate every result the README quotes, each with the command that made it and the machine.
+
+    python scripts/readme_results.py                          # the fast sections: demo, quick, population
+    python scripts/readme_results.py --sections copy20,char_lm   # the long training runs (minutes each)
+    python scripts/readme_results.py --sections suite         # CI on a clean clone of HEAD, then the quick loop
+    python scripts/readme_results.py --check                  # only check README.md against docs/readme_results.md
+
+Each section runs the command the README names, in a fresh temporary directory (a study starts from nothing),
+reads the numbers from what the command wrote (the study's ``report/report.json``, a run's ``summary.json``
+and ``metrics.jsonl``, a benchmark's JSON), and writes:
+
+* ``docs/readme_results.json``: per section the command, the machine, the wall time and the numbers;
+* ``docs/readme_results.md``: per section the paragraph the README quotes, between markers
+  ``<!-- readme_results:NAME -->`` ... ``<!-- /readme_results:NAME -->``;
+* ``docs/quick_study_distributions.png``: the quick study's distribution figure.
+
+``--update-readme`` also replaces each regenerated section's block in ``README.md``. The test suite
+(``tests/test_readme.py``) checks that every block in the README equals the one in ``docs/readme_results.md``,
+so a number edited by hand, or code changed without re-running this script, shows there.
+
+Re-run the sections whose code changed: the cells, the layer, training, the tasks, the study runner or the
+report (quick), populations (population), the demo (demo), and ``suite`` after committing a change to the
+tests or their dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+RESULTS_JSON = DOCS / "readme_results.json"
+RESULTS_MD = DOCS / "readme_results.md"
+FAST = ("demo", "quick", "population")
+LONG = ("copy20", "copy50", "copy100", "char_lm")
+BLOCK = re.compile(r"<!-- readme_results:(\w+) -->\n(.*?)<!-- /readme_results:\1 -->", re.S)
+
+
+# ---------------------------------------------------------------------------
+# the machine
+# ---------------------------------------------------------------------------
+def machine() -> dict:
+    """CPU model, cores, the vector extensions that decide XLA's and oneDNN's kernels, versions."""
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": []}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        info["cpu"] = fields.get("Model name", info["cpu"]).strip()
+        flags = set(fields.get("Flags", "").split())
+        info["flags"] = sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "fma") if f in flags)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import jax
+
+    info.update(python=platform.python_version(), jax=jax.__version__)
+    return info
+
+
+def describe(m: dict) -> str:
+    flags = "+".join(f for f in m["flags"] if f in ("avx2", "avx512f")) or "no AVX2"
+    return f"{m['cpu']}, {m['cores']} cores ({flags}), jax {m['jax']}"
+
+
+def run(cmd: list[str], cwd: pathlib.Path, log, env=None) -> tuple[float, subprocess.CompletedProcess]:
+    log(f"$ {' '.join(cmd)}    (in {cwd})")
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"readme_results: {' '.join(cmd)} exited {out.returncode}\n{out.stdout[-3000:]}\n"
+                         f"{out.stderr[-3000:]}")
+    log(f"  {wall:.1f} s")
+    return wall, out
+
+
+def minutes(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s} s"
+
+
+# ---------------------------------------------------------------------------
+# sections: each returns (numbers, paragraph)
+# ---------------------------------------------------------------------------
+def section_demo(tmp: pathlib.Path, m: dict, log):
+    cmd = ["lstm-lab", "demo"]
+    wall, out = run(cmd, tmp, log)
+    last = out.stdout.strip().splitlines()[-1]
+    valid = float(last.split()[3])
+    nums = {"wall_seconds": round(wall, 1), "valid_mse": valid, "closing_line": last}
+    text = (f"`lstm-lab demo` is the smallest thing to try: one LSTM-32 on the adding problem (T = 30, 400 "
+            f"steps), {minutes(wall)} for the whole command on {describe(m)}; it ends with the validation MSE "
+            f"against the baseline (this run: {valid:.4f}, {100 * valid / (1 / 6):.1f}% of 0.167).\n")
+    return nums, text
+
+
+def section_quick(tmp: pathlib.Path, m: dict, log):
+    study_dir = tmp / "studies" / "quick"
+    cmd = ["lstm-lab", "sweep", str(ROOT / "experiments" / "quick.py"), "--dir", str(study_dir)]
+    wall, _ = run(cmd, tmp, log)
+    again, out2 = run(cmd, tmp, log)
+    rep = json.loads((study_dir / "report" / "report.json").read_text())
+    shutil.copyfile(study_dir / "report" / "distributions.png", DOCS / "quick_study_distributions.png")
+    variants = rep["variants"]
+    base = rep["baseline"]
+    parts = []
+    for name, v in variants.items():
+        if name == base:
+            continue
+        p = v.get("p_value")
+        sig = p is not None and p < 0.05
+        verdict = (f"{'worse' if v['mean'] > variants[base]['mean'] else 'better'}, p = {p:.3f}" if sig
+                   else (f"p = {p:.2f}" if p is not None else "no test"))
+        parts.append((sig, f"{name.upper()} {v['best']:.2g} ({verdict})"))
+    sig_parts = [t for s, t in parts if s]
+    other = [t for s, t in parts if not s]
+    imp = sorted(rep["importance"].items(), key=lambda kv: -kv[1])
+    imp_text = ", ".join(f"{k} {v:.2f}" for k, v in imp)
+    nothing = "nothing left to do" in (out2.stdout + out2.stderr)
+    nums = {"wall_seconds": round(wall, 1), "rerun_seconds": round(again, 1), "rerun_nothing_left": nothing,
+            "variants": variants, "importance": rep["importance"], "baseline": base, "trials": rep["trials"]}
+    text = (f"**The quick study** (`lstm-lab sweep experiments/quick.py`, {rep['trials']} trials; "
+            f"{minutes(wall)} for the whole command on {describe(m)}; run again, it has nothing left to do "
+            f"({minutes(again)})): test MSE on the adding problem (T = 50, baseline 0.167), best of "
+            f"{rep['per_variant']} trials per variant, and Welch's t-test of all {rep['per_variant']} against "
+            f"{base}'s (p < 0.05 marked): {base} {variants[base]['best']:.2g}; "
+            + ("; ".join(sig_parts) + "; " if sig_parts else "")
+            + ", ".join(other) + " (not significant). "
+            f"fANOVA importance: {imp_text}. Six trials per variant are far from the Odyssey's 200 — "
+            f"`experiments/odyssey_copy.py` is that protocol.\n")
+    return nums, text
+
+
+def section_population(tmp: pathlib.Path, m: dict, log):
+    out_json = tmp / "population.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "population_throughput.py"), "--population", "16",
+           "--out", str(out_json)]
+    wall, _ = run(cmd, tmp, log)
+    row = json.loads(out_json.read_text())
+    nums = {k: row[k] for k in ("sequential_trials_per_min", "population_trials_per_min", "speedup")}
+    text = (f"**Population throughput** (`python benchmarks/population_throughput.py --population 16`, the quick "
+            f"study's shape on the copy task: LSTM-32, batch 32, 300 steps, compilation and evaluation included, "
+            f"{describe(m)}): sequential {row['sequential_trials_per_min']:.1f} trials/min, population of 16 "
+            f"{row['population_trials_per_min']:.1f} trials/min, **{row['speedup']:.2f}x**.\n")
+    return nums, text
+
+
+def _train_section(tmp: pathlib.Path, m: dict, log, exp: str, sets: list[str], label: str):
+    wd = tmp / "run"
+    cmd = ["lstm-lab", "train", str(ROOT / "experiments" / exp), "--workdir", str(wd), "--quiet"]
+    for s in sets:
+        cmd += ["--set", s]
+    wall, _ = run(cmd, tmp, log)
+    summary = json.loads((wd / "summary.json").read_text())
+    curve = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    valid = [r for r in curve if r.get("kind") == "valid"]
+    shown = " ".join(["lstm-lab train", f"experiments/{exp}"] + [f"--set {s}" for s in sets])
+    nums = {"wall_seconds": round(wall, 1), "summary": summary, "valid_curve": valid}
+    head = "| step | " + " | ".join(str(r["step"]) for r in valid) + " |"
+    sep = "|---|" + "---|" * len(valid)
+    rows = [head, sep, "| valid loss | " + " | ".join(f"{r['loss']:.4g}" for r in valid) + " |"]
+    test = summary["test"]
+    text = (f"**{label}** (`{shown}`, {describe(m)}): test {', '.join(f'{k} {v:.4g}' for k, v in test.items())}; "
+            f"{summary['steps']} steps in {minutes(summary['wall_seconds'])} of training "
+            f"({minutes(wall)} for the whole command).\n\n" + "\n".join(rows) + "\n")
+    return nums, text
+
+
+def section_copy20(tmp, m, log):
+    return _train_section(tmp, m, log, "copy.py", [], "Copy task, T = 20")
+
+
+def section_copy50(tmp, m, log):
+    return _train_section(tmp, m, log, "copy.py", ["task.options.T=50", "model.chrono_init=70.0"],
+                          "Copy task, T = 50")
+
+
+def section_copy100(tmp, m, log):
+    return _train_section(tmp, m, log, "copy.py", ["task.options.T=100", "model.chrono_init=120.0"],
+                          "Copy task, T = 100")
+
+
+def section_char_lm(tmp, m, log):
+    return _train_section(tmp, m, log, "char_lm.py", [], "Character-level Tiny Shakespeare")
+
+
+def _pytest_totals(text: str) -> dict:
+    """Counts and seconds from pytest's last line, e.g. '== 380 passed, 5 skipped, 2 deselected in 512.3s =='."""
+    line = [ln for ln in text.splitlines() if re.search(r" in [\d.]+s", ln) and "passed" in ln][-1]
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)", line)}
+    counts["seconds"] = float(re.search(r" in ([\d.]+)s", line).group(1))
+    if counts.get("failed") or counts.get("error") or counts.get("errors"):
+        raise SystemExit(f"readme_results: the suite failed: {line}")
+    return counts
+
+
+def section_suite(tmp: pathlib.Path, m: dict, log):
+    """CI as CI runs it: a clean clone of HEAD with ../shared beside it, `CI=true bash .ci/run` (a fresh virtual
+    environment, PostgreSQL). Then the quick loop, `pytest -m "not integration"`, in this checkout."""
+    clone = tmp / "main"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    (tmp / "shared").symlink_to(ROOT.parent / "shared")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True,
+                            text=True).stdout.strip()
+    wall, out = run(["bash", ".ci/run"], clone, log, env={**os.environ, "CI": "true"})
+    full = _pytest_totals(out.stdout + out.stderr)
+    qwall, qout = run([sys.executable, "-m", "pytest", "-m", "not integration", "-p", "no:cacheprovider", "-q"],
+                      ROOT, log)
+    quick = _pytest_totals(qout.stdout + qout.stderr)
+    nums = {"commit": commit, "ci_run_seconds": round(wall, 1), "full": full, "quick": quick}
+    text = (f"The suite (`git clone . /tmp/ci-check && cd /tmp/ci-check && CI=true bash .ci/run`, commit {commit}: "
+            f"a fresh virtual environment, a PostgreSQL server, one pytest-xdist worker per core) on {describe(m)}: "
+            f"{full['passed']} passed, {full.get('skipped', 0)} skipped, {full.get('deselected', 0)} deselected "
+            f"(`slow`), {minutes(full['seconds'])} of pytest, {minutes(wall)} for all of `.ci/run` with the install "
+            f"from pip's cache. The quick loop `pytest -m \"not integration\"`: {quick['passed']} passed in "
+            f"{minutes(quick['seconds'])}.\n")
+    return nums, text
+
+
+SECTIONS = {name: globals()[f"section_{name}"] for name in FAST + LONG + ("suite",)}
+
+
+# ---------------------------------------------------------------------------
+# README blocks
+# ---------------------------------------------------------------------------
+def blocks(text: str) -> dict[str, str]:
+    return {name: body for name, body in BLOCK.findall(text)}
+
+
+def render(name: str, body: str) -> str:
+    return f"<!-- readme_results:{name} -->\n{body}<!-- /readme_results:{name} -->"
+
+
+def update_readme(md: dict[str, str], names: list[str], log) -> None:
+    """Replace the blocks ``names`` in README.md with ``md``'s (a block the README lacks is reported)."""
+    readme = (ROOT / "README.md").read_text()
+    for name in names:
+        pat = re.compile(rf"<!-- readme_results:{name} -->\n.*?<!-- /readme_results:{name} -->", re.S)
+        if pat.search(readme):
+            readme = pat.sub(lambda _m: render(name, md[name]), readme)
+        else:
+            log(f"README.md has no block for {name}: add '<!-- readme_results:{name} -->' "
+                f"'<!-- /readme_results:{name} -->' where it belongs, then --sync")
+    (ROOT / "README.md").write_text(readme)
+
+
+def check_readme() -> list[str]:
+    """The README blocks that differ from (or are missing in) docs/readme_results.md."""
+    want = blocks(RESULTS_MD.read_text()) if RESULTS_MD.exists() else {}
+    have = blocks((ROOT / "README.md").read_text())
+    return [name for name in sorted(set(want) | set(have)) if want.get(name) != have.get(name)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default=",".join(FAST),
+                    help=f"comma-separated, from {', '.join(SECTIONS)} (default: {','.join(FAST)}); 'all' for every one")
+    ap.add_argument("--update-readme", action="store_true", help="replace the regenerated blocks in README.md")
+    ap.add_argument("--check", action="store_true", help="only compare README.md with docs/readme_results.md")
+    ap.add_argument("--sync", action="store_true",
+                    help="run nothing: put every block of docs/readme_results.md into README.md where its markers are")
+    a = ap.parse_args(argv)
+    if a.check:
+        bad = check_readme()
+        print("README.md matches docs/readme_results.md" if not bad else f"README.md differs in: {', '.join(bad)}")
+        return 1 if bad else 0
+    if a.sync:
+        md = blocks(RESULTS_MD.read_text()) if RESULTS_MD.exists() else {}
+        update_readme(md, list(md), lambda msg: print(msg, file=sys.stderr))
+        return 0
+    names = list(SECTIONS) if a.sections == "all" else [s.strip() for s in a.sections.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        ap.error(f"unknown section(s) {unknown}; expected some of {', '.join(SECTIONS)}")
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    m = machine()
+    log(f"machine: {describe(m)}; flags {' '.join(m['flags'])}")
+    results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+    md = blocks(RESULTS_MD.read_text()) if RESULTS_MD.exists() else {}
+    DOCS.mkdir(exist_ok=True)
+    for name in names:
+        with tempfile.TemporaryDirectory(prefix=f"readme_{name}_") as tmp:
+            nums, text = SECTIONS[name](pathlib.Path(tmp), m, log)
+        results[name] = {"machine": m, "date": datetime.date.today().isoformat(), **nums}
+        md[name] = text
+        print(f"\n[{name}] on {describe(m)}\n{text}")
+        RESULTS_JSON.write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+        RESULTS_MD.write_text("# Results quoted by README.md\n\nWritten by `python scripts/readme_results.py`; "
+                              "do not edit by hand.\n\n" + "\n\n".join(render(k, md[k]) for k in sorted(md)) + "\n")
+    if a.update_readme:
+        update_readme(md, names, log)
+    bad = check_readme()
+    if bad:
+        log(f"README.md differs from docs/readme_results.md in: {', '.join(bad)} (--update-readme replaces them)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
