@@ -220,8 +220,8 @@ def section_suite(tmp: pathlib.Path, m: dict, log):
     nums = {"commit": commit, "ci_run_seconds": round(wall, 1), "full": full, "quick": quick}
     text = (f"The suite (`git clone . /tmp/ci-check && cd /tmp/ci-check && CI=true bash .ci/run`, commit {commit}: "
             f"a fresh virtual environment, a PostgreSQL server, one pytest-xdist worker per core) on {describe(m)}: "
-            f"{full['passed']} passed, {full.get('skipped', 0)} skipped, {full.get('deselected', 0)} deselected "
-            f"(`slow`), {minutes(full['seconds'])} of pytest, {minutes(wall)} for all of `.ci/run` with the install "
+            f"{full['passed']} passed, {full.get('skipped', 0)} skipped (the `slow` test left out), "
+            f"{minutes(full['seconds'])} of pytest, {minutes(wall)} for all of `.ci/run` with the install "
             f"from pip's cache. The quick loop `pytest -m \"not integration\"`: {quick['passed']} passed in "
             f"{minutes(quick['seconds'])}.\n")
     return nums, text

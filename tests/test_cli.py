@@ -30,6 +30,7 @@ def test_unknown_command_and_bad_cell_fail_clearly(capsys):
     assert "Did you mean 'lstm'" in capsys.readouterr().err
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_demo_loss_falls():
     logs = []
     history = run_demo("lstm", steps=300, length=20, hidden_size=32, log_every=50, print_fn=logs.append)

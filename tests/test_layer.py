@@ -12,10 +12,10 @@ from jax.test_util import check_grads
 import lstm_lab
 from lstm_lab import CellSpec, VARIANTS
 
-from conftest import random_carry, randomize
+from conftest import DISTINCT_PRESETS, random_carry, randomize
 
-PRESETS = list(VARIANTS)
-ALL_FAMILY_SPECS = {**VARIANTS, "gru_reset_after": CellSpec(family="gru", reset_after=True)}
+PRESETS = DISTINCT_PRESETS
+ALL_FAMILY_SPECS = {**{n: VARIANTS[n] for n in PRESETS}, "gru_reset_after": CellSpec(family="gru", reset_after=True)}
 
 
 def _x(shape, seed=0, dtype=jnp.float32):

@@ -18,6 +18,9 @@ from lstm_lab.cells import CellSpec
 from lstm_lab.kernels import pallas_rnn
 from lstm_lab.recurrent import scan_cell, scan_cell_pallas
 
+from conftest import DISTINCT_PRESETS
+
+
 @pytest.fixture(autouse=True)
 def _exact_float32_matmuls():
     """On a GPU, float32 matmuls default to TF32 (scan and kernel alike, but not in the same order): pin
@@ -125,7 +128,7 @@ def test_layer_bidirectional_bf16():
         assert _rel(a, c) <= 1.25 * _rel(b, c) + 1e-6
 
 
-@pytest.mark.parametrize("name", list(cells.VARIANTS) + ["gru_reset_after"])
+@pytest.mark.parametrize("name", DISTINCT_PRESETS + ["gru_reset_after"])
 def test_lowers_to_triton(name):
     """Forward and backward lower to Triton kernels for CUDA (no GPU needed to lower): every primitive the
     cell math uses has a Triton lowering, and the forward is one kernel launch, forward+backward two."""

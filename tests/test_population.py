@@ -23,6 +23,7 @@ def _check_equal(pop, solo):
                 assert _close(p[split][k], s[split][k]), (split, k, p[split][k], s[split][k])
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_copy_population_equals_solo_runs(tmp_path):
     base = {"task.name": "copy", "task.options": {"T": 3}, "model.hidden_size": 12, "model.cell": "vanilla",
             "optim.name": "adam", "train.batch_size": 8, "train.steps": 20, "train.eval_every": 10,
@@ -43,6 +44,7 @@ def test_copy_population_equals_solo_runs(tmp_path):
     assert [a["test"] for a in again] == [p["test"] for p in pop]
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_stateful_lm_population_with_plateau_and_early_stop_equals_solo(tmp_path):
     rng = np.random.default_rng(0)
     words = ["the ", "cat ", "sat ", "on ", "a ", "mat ", "and ", "then ", "ran\n"]

@@ -84,6 +84,7 @@ def _cut_off(cfg, wd):
 # ---------------------------------------------------------------------------
 # checkpoints: checksums and fallback
 # ---------------------------------------------------------------------------
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous_one(tmp_path, corpus, reference):  # noqa
     wd = tmp_path / "run"
     _cut_off(_lm(corpus), wd)
@@ -100,6 +101,7 @@ def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous_one(tm
     assert sorted(int(p.name) for p in (wd / "checkpoints" / "last").iterdir()) == [10, 20, 30]  # 30 rewritten
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_every_last_checkpoint_corrupt_resumes_from_best(tmp_path, corpus, reference):  # noqa: F811
     wd = tmp_path / "run"
     _cut_off(_lm(corpus), wd)
@@ -139,6 +141,7 @@ def test_no_intact_checkpoint_is_one_error_and_force_starts_over(tmp_path, corpu
     assert len(list(wd.glob("replaced-*"))) == 1 and (wd / ".lock").exists()
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_checkpoints_without_checksums_still_restore(tmp_path, corpus, reference):  # noqa: F811
     """Checkpoints of the previous format (no checksums in the metadata) are restored unverified, with a note."""
     wd = tmp_path / "run"
@@ -156,6 +159,7 @@ def test_checkpoints_without_checksums_still_restore(tmp_path, corpus, reference
 # ---------------------------------------------------------------------------
 # one process per workdir
 # ---------------------------------------------------------------------------
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_a_locked_workdir_is_refused_before_anything_is_written(tmp_path):
     wd = tmp_path / "run"
     with WorkdirLock(wd):
@@ -231,6 +235,7 @@ def test_model_errors_leave_no_workdir(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_a_failed_attempt_does_not_block_the_corrected_command(tmp_path):
     """A workdir left by an attempt that failed before its first checkpoint (as older versions left one for a
     config error caught late) is moved aside for a different config, without --force."""

@@ -26,6 +26,7 @@ class FakeTerminal(io.StringIO):
         return True
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_trial_lines_failed_trials_and_progress_lines(tmp_path, monkeypatch, capsys):
     # one trial completes, one fails when it starts (a task that is not registered: a valid config)
     f = write_study(tmp_path / "s.py", variants=("vanilla",), search="grid", base=FAST,
@@ -57,6 +58,7 @@ def test_trial_lines_failed_trials_and_progress_lines(tmp_path, monkeypatch, cap
     assert json.loads(capsys.readouterr().out)["failed_trials"][0]["status"] == "failed"
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_lines_go_through_the_bar_on_a_terminal(tmp_path, monkeypatch):
     f = write_study(tmp_path / "s.py", variants=("vanilla",), base=FAST)
     study = sweep.load_study(f)
@@ -75,6 +77,7 @@ def test_lines_go_through_the_bar_on_a_terminal(tmp_path, monkeypatch):
     assert text.count("study tiny") >= 2 and text.rstrip().endswith("]")  # redrawn below, closed once
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_status_tells_a_running_trial_whose_worker_is_gone(tmp_path, monkeypatch):
     import time
 
@@ -97,6 +100,7 @@ def test_status_tells_a_running_trial_whose_worker_is_gone(tmp_path, monkeypatch
     assert f"trial {theirs.number} vanilla/0001: running (worker dead): no heartbeat" in runner.format_status(st)
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_finished_study_is_not_run_or_reported_again(tmp_path, capsys):
     f = write_study(tmp_path / "s.py", variants=("vanilla",), base=FAST)
     sd = tmp_path / "st"

@@ -223,6 +223,7 @@ def test_workers_populations_failures_and_report(tmp_path):
     assert "(diverged)" in runner.format_status(st)
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_tpe_search_in_process_and_dataframe(tmp_path):
     f = write_study(tmp_path / "s.py", variants=("vanilla",), baseline="vanilla", trials_per_variant=3,
                     search="tpe", base={**TINY, "train.steps": 10, "train.eval_every": 5},

@@ -132,6 +132,7 @@ def test_model_noise_dropout_and_tying():
 # ---------------------------------------------------------------------------
 # the fit loop
 # ---------------------------------------------------------------------------
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_train_records_and_finished_run(tmp_path):
     wd = tmp_path / "run"
     s = train(tiny_copy(), wd, quiet=True)
@@ -150,6 +151,7 @@ def test_train_records_and_finished_run(tmp_path):
     assert again == on_disk
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_time_limit_stops_early_with_an_evaluated_checkpoint(tmp_path):
     s = train(tiny_copy(**{"train.steps": 10_000, "train.eval_every": 5000, "train.max_minutes": 1e-9}),
               tmp_path / "run", quiet=True)
@@ -159,6 +161,7 @@ def test_time_limit_stops_early_with_an_evaluated_checkpoint(tmp_path):
     assert done["status"] == "completed" and done["reason"] is None
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_early_stopping_and_plateau_decay(tmp_path):
     """With a learning rate too small to move the loss, validation never improves after the first evaluation."""
     s = train(tiny_copy(**{"optim.learning_rate": 1e-30, "train.steps": 100, "train.early_stop_patience": 2,
@@ -171,6 +174,7 @@ def test_early_stopping_and_plateau_decay(tmp_path):
     assert scales == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5]  # records at steps 5..30; halved by the evaluation at step 20
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_workdir_with_a_different_run_is_refused_then_moved_aside(tmp_path):
     wd = tmp_path / "run"
     train(tiny_copy(), wd, quiet=True)
@@ -182,6 +186,7 @@ def test_workdir_with_a_different_run_is_refused_then_moved_aside(tmp_path):
     assert len(aside) == 1 and (aside[0] / "summary.json").exists()
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_divergence_is_recorded_and_cli_exits_nonzero(tmp_path):
     cfg = tiny_copy(**{"task.name": "adding", "task.options": {"T": 6, "eval_size": 16}, "optim.name": "sgd",
                        "optim.learning_rate": 1e30, "optim.clip_norm": 0.0})
@@ -195,6 +200,7 @@ def test_divergence_is_recorded_and_cli_exits_nonzero(tmp_path):
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["status"] == "diverged"
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_bad_data_path_and_bad_keys_from_the_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lstm_lab.cli", "train", str(REPO / "experiments" / "char_lm.py"),
                         "--set", "task.options.path=/no/such.txt", "--workdir", str(tmp_path / "w")],
@@ -211,6 +217,7 @@ def _cli_train(exp: pathlib.Path, workdir: pathlib.Path, env_extra=None):
                            "--quiet"], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.integration  # training processes, one SIGKILLed
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path, corpus):
     """A char LM (carry passed between windows, dropout, input noise) killed with SIGKILL at step 17
     (last checkpoint at 10) and resumed ends with exactly the metrics of an uninterrupted run."""
@@ -237,6 +244,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, corpus):
     assert records(tmp_path / "killed") == records(tmp_path / "straight")
 
 
+@pytest.mark.integration  # end to end: whole runs or sweeps
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, corpus):
     wd = tmp_path / "run"
     cfg = tiny_lm(corpus, **{"train.steps": 20, "train.keep_checkpoints": 3})
@@ -253,6 +261,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, corpus):
     assert s["status"] == "completed" and s["steps"] == 20
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_sample_from_a_trained_char_lm(tmp_path, corpus):
     wd = tmp_path / "lm"
     train(tiny_lm(corpus), wd, quiet=True)
@@ -266,6 +275,7 @@ def test_sample_from_a_trained_char_lm(tmp_path, corpus):
     assert r.returncode == 0 and len(r.stdout.rstrip("\n")) >= 10
 
 
+@pytest.mark.integration  # a process with 4 host devices
 def test_four_device_data_parallel_matches_one_device(tmp_path, corpus):
     cfg = tiny_lm(corpus, **{"model.dropout": 0.0, "model.input_noise": 0.0, "train.steps": 20})
     exp = tmp_path / "exp.py"

@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 import lstm_lab
-from conftest import randomize
+from conftest import DISTINCT_PRESETS, randomize
 
-LSTM_PRESETS = [n for n, s in lstm_lab.cells.VARIANTS.items() if s.family == "lstm" and n != "peephole"]
+LSTM_PRESETS = [n for n in DISTINCT_PRESETS if lstm_lab.cells.VARIANTS[n].family == "lstm"]
 
 
 def _grads(impl, name, dtype, seed, *, bidirectional, lengths, B=3, T=7, F=3, H=4, layers=1, remat=False):
