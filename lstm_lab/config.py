@@ -294,17 +294,21 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     if not isinstance(overrides, dict):
         raise TypeError(f"config: overrides must be a dict of dotted keys; got {type(overrides).__name__}.")
     sections = {name: getattr(cfg, name) for name in _fields(Config)}
+    changes: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for key, value in overrides.items():
         parts = str(key).split(".")
         if len(parts) >= 3 and parts[0] == "task" and parts[1] == "options":
-            opts = dict(sections["task"].options)
+            opts = dict(changes["task"].get("options", sections["task"].options))
             opts[".".join(parts[2:])] = value
-            sections["task"] = dataclasses.replace(sections["task"], options=opts)
+            changes["task"]["options"] = opts
             continue
         if len(parts) != 2 or parts[0] not in sections or parts[1] not in _fields(type(sections[parts[0]])):
             raise KeyError(f"config: unknown key {key!r}.{_suggest_key(str(key), flat_keys(cfg))}")
-        sections[parts[0]] = dataclasses.replace(sections[parts[0]], **{parts[1]: value})
-    return Config(**sections)
+        changes[parts[0]][parts[1]] = value
+    # each section is rebuilt once with all its changes: rules that relate two fields (model.tie_weights and
+    # model.embed_dim, model.impl and model.cell) see the final values, whatever the order of the overrides
+    return Config(**{name: dataclasses.replace(section, **changes[name]) if changes[name] else section
+                     for name, section in sections.items()})
 
 
 def to_dict(cfg: Config) -> dict:

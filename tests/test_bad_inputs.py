@@ -171,6 +171,19 @@ def test_study_checks_every_variant_and_range_before_writing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_rules_between_fields_see_the_final_values_whatever_the_order():
+    from lstm_lab.config import Config, apply_overrides
+
+    base = apply_overrides(Config(), {"model.impl": "scan_vjp", "model.embed_dim": 64, "model.hidden_size": 256})
+    # each override alone would break a rule with the other's old value; together they are valid
+    cfg = apply_overrides(base, {"model.cell": "gru", "model.impl": "scan"})
+    assert (cfg.model.cell, cfg.model.impl) == ("gru", "scan")
+    cfg = apply_overrides(base, {"model.tie_weights": True, "model.embed_dim": 256})
+    assert cfg.model.tie_weights and cfg.model.embed_dim == 256
+    with pytest.raises(ValueError, match=r"model.tie_weights needs embed_dim == the RNN output size: embed_dim=7"):
+        apply_overrides(base, {"model.tie_weights": True, "model.embed_dim": 7})
+
+
 def test_config_sections_refuse_direct_construction_too():
     from lstm_lab.config import ModelConfig, OptimConfig, TrainConfig
 
