@@ -306,9 +306,21 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
             raise KeyError(f"config: unknown key {key!r}.{_suggest_key(str(key), flat_keys(cfg))}")
         changes[parts[0]][parts[1]] = value
     # each section is rebuilt once with all its changes: rules that relate two fields (model.tie_weights and
-    # model.embed_dim, model.impl and model.cell) see the final values, whatever the order of the overrides
-    return Config(**{name: dataclasses.replace(section, **changes[name]) if changes[name] else section
-                     for name, section in sections.items()})
+    # model.embed_dim, model.impl and model.cell) see the final values, whatever the order of the overrides.
+    # Every section's problem is reported at once, in the order the overrides named them.
+    order = {}
+    for key in overrides:
+        order.setdefault(str(key).split(".")[0], len(order))
+    built, errors = {}, []
+    for name, section in sorted(sections.items(), key=lambda kv: order.get(kv[0], len(order))):
+        try:
+            built[name] = dataclasses.replace(section, **changes[name]) if changes[name] else section
+        except (TypeError, ValueError) as e:
+            errors.append(e)
+    if errors:
+        text = "; ".join(str(e).removeprefix("config: ") for e in errors)
+        raise (type(errors[0]) if all(type(e) is type(errors[0]) for e in errors) else ValueError)(f"config: {text}")
+    return Config(**built)
 
 
 def to_dict(cfg: Config) -> dict:
