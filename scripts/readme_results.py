@@ -155,43 +155,70 @@ def section_population(tmp: pathlib.Path, m: dict, log):
     return nums, text
 
 
-def _train_section(tmp: pathlib.Path, m: dict, log, exp: str, sets: list[str], label: str):
+def _train_section(tmp: pathlib.Path, m: dict, log, exp: str, sets: list[str]):
+    """One `lstm-lab train` run: its summary and its validation curve (at most 10 columns)."""
     wd = tmp / "run"
     cmd = ["lstm-lab", "train", str(ROOT / "experiments" / exp), "--workdir", str(wd), "--quiet"]
     for s in sets:
         cmd += ["--set", s]
     wall, _ = run(cmd, tmp, log)
     summary = json.loads((wd / "summary.json").read_text())
-    curve = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    valid = [r for r in curve if r.get("kind") == "valid"]
+    records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    valid = [r for r in records if r.get("kind") == "valid"]
+    stride = -(-len(valid) // 10)
+    shown_curve = [r for i, r in enumerate(valid) if (i + 1) % stride == 0 or i == len(valid) - 1]
     shown = " ".join(["lstm-lab train", f"experiments/{exp}"] + [f"--set {s}" for s in sets])
     nums = {"wall_seconds": round(wall, 1), "summary": summary, "valid_curve": valid}
-    head = "| step | " + " | ".join(str(r["step"]) for r in valid) + " |"
-    sep = "|---|" + "---|" * len(valid)
-    rows = [head, sep, "| valid loss | " + " | ".join(f"{r['loss']:.4g}" for r in valid) + " |"]
-    test = summary["test"]
-    text = (f"**{label}** (`{shown}`, {describe(m)}): test {', '.join(f'{k} {v:.4g}' for k, v in test.items())}; "
-            f"{summary['steps']} steps in {minutes(summary['wall_seconds'])} of training "
-            f"({minutes(wall)} for the whole command).\n\n" + "\n".join(rows) + "\n")
+    return wd, shown, wall, summary, shown_curve, nums
+
+
+def _table(curve: list[dict], rows: dict) -> str:
+    out = ["| step | " + " | ".join(str(r["step"]) for r in curve) + " |", "|---|" + "---|" * len(curve)]
+    out += [f"| {label} | " + " | ".join(fmt(r) for r in curve) + " |" for label, fmt in rows.items()]
+    return "\n".join(out) + "\n"
+
+
+def _copy_section(tmp, m, log, T: int, sets: list[str]):
+    wd, shown, wall, s, curve, nums = _train_section(tmp, m, log, "copy.py", sets)
+    t, base = s["test"], s["baseline"]["loss"]
+    text = (f"**Copy task, T = {T}** (`{shown}`, {describe(m)}): test cross-entropy {t['loss']:.4f} = "
+            f"{100 * t['loss_over_baseline']:.1f}% of the memoryless baseline {base:.4f}, accuracy on the last 10 "
+            f"steps {100 * t['accuracy_last10']:.1f}%, {s['steps']} steps in {minutes(s['wall_seconds'])} of "
+            f"training ({minutes(wall)} for the whole command). Validation curve:\n\n"
+            + _table(curve, {"CE / baseline": lambda r: f"{100 * r['loss_over_baseline']:.1f}%",
+                             "accuracy last 10": lambda r: f"{100 * r['accuracy_last10']:.1f}%"}))
     return nums, text
 
 
 def section_copy20(tmp, m, log):
-    return _train_section(tmp, m, log, "copy.py", [], "Copy task, T = 20")
+    return _copy_section(tmp, m, log, 20, [])
 
 
 def section_copy50(tmp, m, log):
-    return _train_section(tmp, m, log, "copy.py", ["task.options.T=50", "model.chrono_init=70.0"],
-                          "Copy task, T = 50")
+    return _copy_section(tmp, m, log, 50, ["task.options.T=50", "model.chrono_init=70.0"])
 
 
 def section_copy100(tmp, m, log):
-    return _train_section(tmp, m, log, "copy.py", ["task.options.T=100", "model.chrono_init=120.0"],
-                          "Copy task, T = 100")
+    return _copy_section(tmp, m, log, 100, ["task.options.T=100", "model.chrono_init=120.0"])
 
 
 def section_char_lm(tmp, m, log):
-    return _train_section(tmp, m, log, "char_lm.py", [], "Character-level Tiny Shakespeare")
+    wd, shown, wall, s, curve, nums = _train_section(tmp, m, log, "char_lm.py", [])
+    sample_cmd = ["lstm-lab", "sample", str(wd), "--prompt", "ROMEO:", "--length", "240", "--temperature", "0.8"]
+    _, out = run(sample_cmd, tmp, log)
+    nums["sample"] = out.stdout
+    v, t = s["valid"], s["test"]
+    text = (f"**Character-level Tiny Shakespeare** (`{shown}`, {describe(m)}): validation {v['loss']:.4f} "
+            f"nats/char ({v['bits_per_char']:.3f} bits/char), test (the file's last 5%) {t['loss']:.4f} nats/char, "
+            f"{s['steps']} steps in {minutes(s['wall_seconds'])} of training ({minutes(wall)} for the whole "
+            f"command{'; ' + s['reason'] if s.get('reason') else ''}). The unigram baseline is "
+            f"{s['baseline']['loss']:.2f} nats/char. Validation loss (nats/char):\n\n"
+            + _table(curve, {"valid": lambda r: f"{r['loss']:.3f}"})
+            + "\n`lstm-lab sample runs/char_lm --prompt \"ROMEO:\" --length 240 --temperature 0.8`:\n\n```\n"
+            + out.stdout.rstrip("\n") + "\n```\n")
+    return nums, text
+
+
 
 
 def _pytest_totals(text: str) -> dict:
