@@ -7,6 +7,8 @@ import pathlib
 import traceback
 import types
 
+from lstm_lab._hints import error_message
+
 
 class UserFileError(ValueError):
     """A user's Python file failed to execute; the message is one line with ``file:line``."""
@@ -31,7 +33,5 @@ def exec_file(path, module_name: str, what: str) -> types.ModuleType:
         frames = [f for f in traceback.extract_tb(e.__traceback__)
                   if f.filename and pathlib.Path(f.filename).resolve().as_posix() == pathlib.Path(resolved).as_posix()]
         where = f"{path}:{frames[-1].lineno}" if frames else str(path)
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        first = str(msg).splitlines()[0] if str(msg) else ""
-        raise UserFileError(f"{what} {where}: {type(e).__name__}: {first}") from None
+        raise UserFileError(f"{what} {where}: {type(e).__name__}: {error_message(e, first_line=True)}") from None
     return module

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lstm_lab._hints import error_message
+
 
 def _variants_table() -> str:
     from lstm_lab.cells import VARIANTS, CellSpec, DESCRIPTIONS
@@ -133,8 +135,7 @@ def _train(args, parser) -> int:
         print(f"lstm-lab train: {msg}", file=sys.stderr)
         return 130
     except (KeyError, TypeError, ValueError, OSError, RunConflictError, WorkdirError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"lstm-lab train: error: {msg}", file=sys.stderr)
+        print(f"lstm-lab train: error: {error_message(e)}", file=sys.stderr)
         return 2
     if summary["status"] == "diverged":
         print(f"lstm-lab train: the run diverged at step {summary['diverged_at_step']} (non-finite loss); "
@@ -199,8 +200,7 @@ def _study_cmd(args) -> int:
         return 130
     except (sweep.StudyError, StudyConflictError, StorageError, FileNotFoundError, KeyError, TypeError,
             ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"{name}: error: {msg}", file=sys.stderr)
+        print(f"{name}: error: {error_message(e)}", file=sys.stderr)
         return 2
 
 

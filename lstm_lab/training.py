@@ -53,7 +53,6 @@ Integrity:
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -75,7 +74,7 @@ from flax import nnx
 
 import lstm_lab
 from lstm_lab import tasks as tasks_lib
-from lstm_lab._io import atomic_json as _atomic_json, json_default as _json_default
+from lstm_lab._io import FileLock, LockBusy, atomic_json as _atomic_json, json_default as _json_default
 from lstm_lab.config import OPTIMIZERS, SCHEDULES, Config, OptimConfig, to_dict  # noqa: F401 - re-exported
 from lstm_lab.data.batching import prefetch
 from lstm_lab.distributed import is_primary
@@ -398,66 +397,29 @@ def run_summary(cfg: Config, task, info: dict, wd: pathlib.Path, *, status, reas
     return summary
 
 
-class WorkdirLock:
-    """An exclusive ``fcntl.flock`` on ``<workdir>/.lock`` (the workdir is created if needed), as a context
-    manager. The file keeps the holder's pid for the message a second process gets (:class:`WorkdirBusyError`);
-    the kernel releases the lock when the holder exits or is killed, so a stale file is harmless. Multi-host:
-    only process 0 locks (all processes share the workdir)."""
+class WorkdirLock(FileLock):
+    """The exclusive lock on ``<workdir>/.lock`` held while a run trains there (a :class:`~lstm_lab._io.FileLock`
+    that does not wait): a second process gets :class:`WorkdirBusyError` naming the holder's pid; the kernel
+    releases it when the holder exits or is killed. Multi-host: only process 0 locks (all share the workdir)."""
 
     def __init__(self, workdir):
         self.workdir = pathlib.Path(workdir)
-        self.path = self.workdir / LOCK_FILE
-        self.fd: int | None = None
+        super().__init__(self.workdir / LOCK_FILE, wait=False)
 
     def acquire(self) -> "WorkdirLock":
         if self.fd is not None or not is_primary():
             return self
-        wd = str(self.workdir)
         try:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            super().acquire()
+        except LockBusy as e:
+            raise WorkdirBusyError(f"workdir {str(self.workdir)!r} is in use by pid {e.holder} (lock {self.path}); "
+                                   f"wait for it or use another --workdir") from None
         except OSError as e:
             raise _not_writable(self.workdir, e) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                os.close(fd)
-                raise _not_writable(self.workdir, e) from None
-            pid = self._holder(fd)
-            os.close(fd)
-            raise WorkdirBusyError(f"workdir {wd!r} is in use by pid {pid} (lock {self.path}); wait for it or use "
-                                   f"another --workdir") from None
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            if not os.access(self.workdir, os.W_OK | os.X_OK):
-                raise PermissionError(errno.EACCES, "Permission denied", wd)
-        except OSError as e:
-            os.close(fd)
-            raise _not_writable(self.workdir, e) from None
-        self.fd = fd
+        if not os.access(self.workdir, os.W_OK | os.X_OK):
+            self.release()
+            raise _not_writable(self.workdir, PermissionError(errno.EACCES, "Permission denied", str(self.workdir)))
         return self
-
-    @staticmethod
-    def _holder(fd: int) -> str:
-        for _ in range(50):  # the holder writes its pid just after it takes the lock
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            if text:
-                return text
-            time.sleep(0.01)
-        return "unknown"
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the lock; the file stays (removing it would race)
-            self.fd = None
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 def _not_writable(workdir: pathlib.Path, e: OSError) -> WorkdirNotWritableError:

@@ -40,7 +40,7 @@ def test_demo_loss_falls():
     # the closing line: the validation MSE against the baseline 1/6
     assert logs[-1].startswith("done: validation MSE ") and "of the baseline 0.167" in logs[-1], logs[-1]
     valid = float(logs[-1].split()[3])
-    assert valid < 0.5 / 6 and "learned the task" in logs[-1] or "beats the baseline" in logs[-1]
+    assert valid < 0.5 / 6 and ("learned the task" in logs[-1] or "beats the baseline" in logs[-1])
 
 
 def test_preset_descriptions_state_only_flags_the_preset_has():

@@ -64,7 +64,8 @@ import time
 import traceback
 from typing import Callable
 
-from lstm_lab._io import atomic_json as _atomic_json, read_jsonl
+from lstm_lab._hints import error_message
+from lstm_lab._io import FileLock, atomic_json as _atomic_json, read_jsonl
 from lstm_lab.sweep.study import Study, StudyError
 
 __all__ = ["open_study", "prepare_study", "run_worker", "sweep", "study_status", "format_status", "load_trials",
@@ -440,43 +441,14 @@ PLAN_LOCK = ".plan.lock"  # in the study directory: flock-ed while a process pla
 PLAN_ATTR = "lstm_lab_planned"  # study user attr: the digest of the planned slots, set once they are all enqueued
 
 
-class _FileLock:
-    """An exclusive ``flock`` on ``path`` (created with its directory). After locking, the file is checked to
-    still be the one at ``path`` (a study directory moved aside by ``--force`` takes its lock file along);
-    if not, the new one is locked. Released on exit or when the process dies."""
+class _FileLock(FileLock):
+    """The planning lock (:class:`~lstm_lab._io.FileLock`, waiting, saying once that it waits). A study directory
+    moved aside by ``--force`` takes its lock file along: the new directory's file is then locked."""
 
     def __init__(self, path, *, log: Callable[[str], None] | None = None, what: str = ""):
-        self.path, self.log, self.what, self.fd = pathlib.Path(path), log, what, None
-
-    def acquire(self) -> "_FileLock":
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX: no lock (the database-side checks remain)
-            return self
-        told = False
-        while True:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if self.log is not None and not told:
-                    self.log(f"waiting for another process planning {self.what or self.path.parent}")
-                    told = True
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-                return self
-            os.close(fd)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        on_wait = (lambda: log(f"waiting for another process planning {what or pathlib.Path(path).parent}")) \
+            if log is not None else None
+        super().__init__(path, wait=True, on_wait=on_wait)
 
     def move_dir_aside(self, aside) -> None:
         """Move the locked directory to ``aside`` and hold the lock of a fresh one at the old path (the old
@@ -486,12 +458,6 @@ class _FileLock:
         self.acquire()
         if old is not None:
             os.close(old)
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 @contextlib.contextmanager
@@ -955,8 +921,7 @@ def _history(workdir: pathlib.Path) -> list[dict]:
 
 def _error_text(e: BaseException) -> str:
     """What a failed trial records: ``Type: message`` on the first line, then the traceback."""
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-    return f"{type(e).__name__}: {msg}\n{traceback.format_exc(limit=8)}"
+    return f"{type(e).__name__}: {error_message(e)}\n{traceback.format_exc(limit=8)}"
 
 
 def _run_solo(ostudy, study: Study, study_dir: pathlib.Path, trial, variant, hyper, log) -> dict:

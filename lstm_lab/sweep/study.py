@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from lstm_lab._hints import did_you_mean
+from lstm_lab._hints import did_you_mean, error_message
 
 __all__ = ["Study", "LogUniform", "Uniform", "OneMinusLogUniform", "IntLogUniform", "IntUniform", "Choice",
            "ODYSSEY_VARIANTS", "ODYSSEY_SPACE", "ODYSSEY_SPACE_POPULATION", "ODYSSEY_BASE", "load_study", "StudyError", "SEARCHES"]
@@ -361,7 +361,7 @@ class Study:
         try:
             self.base_config()
         except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-            raise StudyError(f"study base config: {_msg(e)}") from None
+            raise StudyError(f"study base config: {error_message(e, first_line=True)}") from None
         self._check_configs()
 
     def _check_configs(self) -> None:
@@ -372,14 +372,16 @@ class Study:
             try:
                 self.config_for(variant, {}, 0)
             except (ValueError, TypeError, KeyError) as e:
-                raise StudyError(f"study variant {variant!r} with the base config: {_msg(e)}") from None
+                raise StudyError(f"study variant {variant!r} with the base config: "
+                                 f"{error_message(e, first_line=True)}") from None
             for key, dist in sorted(self.space.items()):
                 for value in dist.extremes():
                     try:
                         self.config_for(variant, {key: value}, 0)
                     except (ValueError, TypeError, KeyError) as e:
                         raise StudyError(f"study space {key!r}: {dist!r} reaches {key}={value!r}, an invalid config "
-                                         f"(variant {variant!r}): {_msg(e)} Narrow the distribution (or change "
+                                         f"(variant {variant!r}): {error_message(e, first_line=True)} "
+                                         f"Narrow the distribution (or change "
                                          f"the base config).") from None
 
     # -- accessors -------------------------------------------------------------------
@@ -450,7 +452,8 @@ class Study:
             variants = tuple(v if isinstance(v, str) else dict(v) for v in record["variants"])
             name = record["name"]
         except (KeyError, TypeError, ValueError) as e:
-            raise StudyError(f"the stored study record is incomplete or invalid ({_msg(e)}); plan the study "
+            raise StudyError(f"the stored study record is incomplete or invalid "
+                             f"({error_message(e, first_line=True)}); plan the study "
                              f"again from its study file.") from None
         return cls(name=name, base=base, variants=variants, space=space, population=int(population or 1),
                    source=source or "", **fields)
@@ -496,12 +499,6 @@ class Study:
         if self.search == "qmc":
             return optuna.samplers.QMCSampler(seed=self.sampler_seed)
         return optuna.samplers.RandomSampler(seed=self.sampler_seed)  # planned trials: every value is fixed
-
-
-def _msg(e: BaseException) -> str:
-    """An exception's message, one line (a KeyError's without the repr quotes)."""
-    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_study(path) -> Study:
