@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/gpu_check.sh tests|speed|fgr|split16 [OUTDIR]   # OUTDIR default: $OUT, else benchmarks/results
 #
-# tests:   tests/test_pallas.py on the GPU: the kernels compiled by Triton (not interpret mode) against the
-#          scan, float32 matmuls at "highest" precision (the test module pins it), bf16 as in CI.
+# tests:   tests/test_pallas.py and the pallas cases of tests/test_kernels.py on the GPU: the kernels compiled
+#          by Triton (not interpret mode) against the scan and the float64 reference, float32 matmuls at "highest"
+#          precision (the test modules pin it), bf16 as in CI.
 # speed:   benchmarks/layer_speed.py at the six GPU anchors with the kernel's own plan (whole H in one program
 #          where the weights fit, else H split across programs): scan, scan_vjp, pallas, torch's cuDNN LSTM/GRU
 #          (and tanh RNN) and jax.experimental.rnn, float32 (TF32 allowed: --matmul-precision default) and bfloat16.
@@ -23,7 +24,8 @@ log="$out/gpu_check_$part.log"
   python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"; } 2>&1 | tee "$log"
 speed="python3 benchmarks/layer_speed.py --impls scan,scan_vjp,pallas --dtypes float32,bfloat16 --repeats 20 --markdown"
 case $part in
-  tests) python3 -m pytest -q -p no:cacheprovider -o addopts="" --durations=5 tests/test_pallas.py 2>&1 | tee -a "$log" ;;
+  tests) python3 -m pytest -q -p no:cacheprovider -o addopts="" --durations=5 tests/test_pallas.py \
+           tests/test_kernels.py -k "pallas and not integration" 2>&1 | tee -a "$log" ;;
   speed) $speed --cells lstm,vanilla,cifg,gru,rnn --out "$out/layer_speed_gpu.json" 2>&1 | tee -a "$log" ;;
   fgr) $speed --cells lstm,fgr --skip flax --out "$out/layer_speed_gpu_fgr.json" 2>&1 | tee -a "$log" ;;
   split16) $speed --cells lstm,vanilla --skip flax --shapes 128x64x512,128x64x1024,128x256x1024 --block-b 64 \

@@ -279,7 +279,7 @@ def ms_str(ms: float) -> str:
 
 
 def suggest_auto(rows, backend: str) -> tuple[dict, list[str]]:
-    """What ``recurrent.AUTO_IMPL`` should say for ``backend`` from this run's rows, with the evidence.
+    """What ``lstm_lab.kernels.AUTO_IMPL`` should say for ``backend`` from this run's rows, with the evidence.
 
     Per cell family, over every (shape, dtype, cell) group in which all of the family's measured lstm_lab
     impls ran: the impl fastest in the most groups (ties: the larger geometric-mean speed-up over
@@ -355,7 +355,7 @@ def main(argv=None):
     ap.add_argument("--shapes", help="comma-separated TxBxH (default: the anchors of the backend)")
     ap.add_argument("--cells", help="comma-separated lstm_lab presets (default: all)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--impls", help="comma-separated lstm_lab impls (default: every one in IMPLS but auto; "
+    ap.add_argument("--impls", help="comma-separated lstm_lab impls (default: every kernel of lstm_lab.kernels; "
                                     "pallas only on GPU, elsewhere it runs in interpret mode)")
     ap.add_argument("--matmul-precision", choices=("default", "highest"), default="default",
                     help="jax_default_matmul_precision for every lstm_lab and Flax row: on GPU 'default' lets "
@@ -378,7 +378,7 @@ def main(argv=None):
     import jax
 
     import lstm_lab
-    from lstm_lab import recurrent
+    from lstm_lab import kernels
 
     backend = jax.default_backend()
     if args.quick:
@@ -399,7 +399,7 @@ def main(argv=None):
     for d in dtypes:
         if d not in ("float32", "bfloat16"):
             raise SystemExit(f"--dtypes: expected float32 and/or bfloat16; got {d!r}")
-    all_impls = [i for i in recurrent.IMPLS if i != "auto"]
+    all_impls = list(kernels.names())
     impls = csv(args.impls) or [i for i in all_impls if backend == "gpu" or i != "pallas"]
     if args.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", args.matmul_precision)
@@ -410,7 +410,7 @@ def main(argv=None):
         kernel_options["num_warps"] = args.num_warps
     bad = [i for i in impls if i not in all_impls]
     if bad:
-        raise SystemExit(f"--impls: unknown {bad}; lstm_lab.recurrent.IMPLS = {recurrent.IMPLS}")
+        raise SystemExit(f"--impls: unknown {bad}; lstm_lab.kernels.names() = {kernels.names()}")
     skip = set(csv(args.skip))
 
     have_torch = "torch" not in skip
@@ -525,7 +525,7 @@ def main(argv=None):
     _, auto_lines = suggest_auto(rows, backend)
     if auto_lines:
         log()
-        log("# impl='auto' from this run (lstm_lab/recurrent.py AUTO_IMPL; 'scan' is the default, needs no entry):")
+        log("# impl='auto' from this run (lstm_lab.kernels.AUTO_IMPL; 'scan' is the default, needs no entry):")
         for line in auto_lines:
             log(line)
     if args.out:

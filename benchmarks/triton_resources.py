@@ -56,8 +56,8 @@ def triton_ir(cell, T, B, H, dtype_name, opts):
     from jax._src.pallas.triton import lowering
 
     from lstm_lab import cells
-    from lstm_lab.kernels import pallas_rnn
-    from lstm_lab.recurrent import init_params, scan_cell_pallas
+    from lstm_lab.kernels.pallas import plan as pallas_plan
+    from lstm_lab.recurrent import init_params, run_direction
 
     captured = []
     original = lowering.lower_jaxpr_to_triton_module
@@ -75,7 +75,7 @@ def triton_ir(cell, T, B, H, dtype_name, opts):
     carry0 = cells.zero_carry(spec, H, (B,), jnp.float32)
 
     def f(p, xp, c0):
-        return scan_cell_pallas(spec, p, xp, c0, interpret=False, **opts)[:2]
+        return run_direction("pallas", spec, p, xp, c0, interpret=False, **opts)[:2]
 
     g = jax.grad(lambda *a: sum(jnp.sum(v) for v in jax.tree.leaves(f(*a))), argnums=(0, 1, 2))
     lowering.lower_jaxpr_to_triton_module = capture
@@ -85,8 +85,8 @@ def triton_ir(cell, T, B, H, dtype_name, opts):
             params, xp, carry0)
     finally:
         lowering.lower_jaxpr_to_triton_module = original
-    plan = pallas_rnn._plan(spec, H, B, dtype.itemsize, opts.get("block_b", 16), opts.get("block_h"),
-                            pallas_rnn.SM_COUNT, opts.get("stream_weights"))
+    plan = pallas_plan.launch_plan(spec, H, B, dtype.itemsize, opts.get("block_b", 16), opts.get("block_h"),
+                                   pallas_plan.SM_COUNT, opts.get("stream_weights"))
     return captured, plan
 
 
@@ -104,7 +104,7 @@ def main(argv=None):
     if not os.path.isdir(os.path.join(args.triton, "triton")):
         raise SystemExit(f"--triton {args.triton}: no triton package there; pip install --no-deps --target "
                          f"{args.triton} triton==3.6.0")
-    from lstm_lab.kernels import pallas_rnn
+    from lstm_lab.kernels.pallas.plan import pow2
 
     opts = {"block_b": args.block_b, "num_warps": args.num_warps}
     if args.block_h:
@@ -123,7 +123,7 @@ def main(argv=None):
                         print(f"{T:>5} {B:>4} {H:>5} {cell:<5} {dtype:<9} not taken: {e}")
                         continue
                     bB, bH, stream = plan
-                    programs = -(-B // bB) * (pallas_rnn._pow2(H) // bH)
+                    programs = -(-B // bB) * (pow2(H) // bH)
                     for name, ir in zip(("fwd", "bwd"), irs):
                         path = os.path.join(tmp, f"{cell}_{dtype}_{shape}_{name}.ttir")
                         with open(path, "w") as f:

@@ -1,4 +1,4 @@
-"""The recurrent layer: hoisted input projection + ``jax.lax.scan`` over time.
+"""The recurrent layer: hoisted input projection, then a kernel (:mod:`lstm_lab.kernels`) over time.
 
 :class:`RNN` stacks layers of one cell variant (any :class:`~lstm_lab.CellSpec`),
 optionally bidirectional, with masking by ``seq_lengths``, carries in and out
@@ -16,7 +16,9 @@ The loop one direction of one layer runs, with ``[T, B, ...]`` shapes::
 
 The reverse direction runs the same loop over each sequence's own valid steps
 reversed (``x[len-1], ..., x[0]``), and its outputs are put back in the
-original time order.
+original time order. The loop itself is a kernel of :mod:`lstm_lab.kernels`
+(``impl``): ``jax.lax.scan`` of the step, the same with a custom VJP, or one
+fused Pallas kernel; :func:`run_direction` runs one.
 """
 
 from __future__ import annotations
@@ -31,14 +33,15 @@ import numpy as np
 from flax import nnx
 
 from lstm_lab import cells as _cells
+from lstm_lab import kernels
 from lstm_lab.cells import CellSpec, resolve_cell
+from lstm_lab.kernels import AUTO_IMPL, IMPLS, impl_unsupported, resolve_impl  # noqa: F401  (re-exported)
 
-__all__ = ["RNN", "RecurrentCell", "gate_trace", "scan_cell", "scan_cell_vjp", "scan_cell_pallas", "IMPLS",
-           "impl_unsupported", "chrono_unsupported", "resolve_impl",
+__all__ = ["RNN", "RecurrentCell", "gate_trace", "run_direction", "scan_cell", "scan_cell_vjp", "scan_cell_pallas",
+           "IMPLS", "AUTO_IMPL", "impl_unsupported", "chrono_unsupported", "resolve_impl", "init_params",
            "debug_checks"]
 
 _List = getattr(nnx, "List", list)
-IMPLS = ("auto", "scan", "scan_vjp", "pallas")
 
 
 def _acc_dtype(compute_dtype) -> jnp.dtype:
@@ -106,14 +109,9 @@ def init_params(spec: CellSpec, in_features: int, hidden_size: int, key: jax.Arr
 
 
 # ---------------------------------------------------------------------------
-# The scan
+# One direction of one layer, through a kernel (lstm_lab.kernels)
 # ---------------------------------------------------------------------------
-# What impl="auto" runs, per backend and cell family, from benchmarks/layer_speed.py
-# (benchmarks/NOTES.md, "impl=auto"): on the CPU scan_vjp is as fast or faster than scan for the
-# LSTM family at every anchor shape (-27% at T/B/H 100/32/128, -14% at 1000/1/64, -1 to -4% at
-# H = 256/512; FGR equal). GPU/TPU: not measured yet, so the plain scan. An entry naming "pallas"
-# falls back to the scan where the kernel cannot run (hidden size, dtype).
-AUTO_IMPL = {("cpu", "lstm"): "scan_vjp"}
+LAYER_OPTIONS = ("unroll", "remat")  # kernel options that are RNN arguments of their own
 
 
 def _is_float_dtype(dt) -> bool:
@@ -134,47 +132,6 @@ def chrono_unsupported(spec: CellSpec, chrono_init: float | None) -> str | None:
     return None
 
 
-def impl_unsupported(impl: str, spec: CellSpec, hidden_size: int, *, dtype=None, param_dtype=jnp.float32,
-                     kernel_options: dict | None = None) -> str | None:
-    """Why :class:`RNN` cannot run ``impl`` for this cell, size and dtype (a message naming the value and
-    the fix), or None. The one check behind ``RNN(impl=...)`` and the ``model.impl`` config field."""
-    if impl not in IMPLS:
-        return f"unknown impl {impl!r}; expected one of {', '.join(IMPLS)}."
-    if impl == "scan_vjp" and spec.family != "lstm":
-        return (f"impl='scan_vjp' supports the LSTM family; {spec.name!r} is a {spec.family} "
-                f"(use impl='scan' or 'auto').")
-    if impl == "pallas":
-        from lstm_lab.kernels.pallas_rnn import pallas_unsupported
-
-        why = pallas_unsupported(spec, int(hidden_size), dtype=dtype, param_dtype=param_dtype,
-                                 block_h=(kernel_options or {}).get("block_h"))
-        if why:
-            return f"{why} (use impl='scan' or 'auto')."
-    return None
-
-
-def resolve_impl(impl: str, spec: CellSpec, backend: str | None = None, *, hidden_size: int | None = None,
-                 dtype=None) -> str:
-    """The implementation ``impl`` runs for ``spec`` on ``backend`` (default: JAX's default backend)."""
-    if impl != "auto":
-        return impl
-    chosen = AUTO_IMPL.get((backend or jax.default_backend(), spec.family), "scan")
-    if chosen == "pallas":
-        from lstm_lab.kernels.pallas_rnn import pallas_unsupported
-        if pallas_unsupported(spec, hidden_size or 1, dtype=dtype):
-            return "scan"
-    return chosen
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_interpret_once(backend: str) -> None:
-    import warnings
-
-    warnings.warn(f"impl='pallas' runs in Pallas interpret mode on {backend!r} (no GPU): the same function, "
-                  f"several times slower than impl='auto'; it is for checking the kernel. Pass "
-                  f"kernel_options={{'interpret': True}} to silence this.", stacklevel=3)
-
-
 def _flip(a: jax.Array, lengths: jax.Array | None) -> jax.Array:
     """Reverse ``a`` ``[T, B, ...]`` in time, each sequence within its own length."""
     if lengths is None:
@@ -186,10 +143,11 @@ def _flip(a: jax.Array, lengths: jax.Array | None) -> jax.Array:
     return jnp.take_along_axis(a, idx, axis=0)
 
 
-def scan_cell(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry0, *,
-              lengths: jax.Array | None = None, reverse: bool = False, unroll: int = 1,
-              trace: bool = False):
-    """Run one direction of one layer over time.
+def run_direction(impl: "str | kernels.Kernel", spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array,
+                  carry0, *, lengths: jax.Array | None = None, reverse: bool = False, trace: bool = False,
+                  **options):
+    """Run one direction of one layer over time with the kernel ``impl`` (a registered name or a
+    :class:`~lstm_lab.kernels.Kernel`).
 
     Args:
       spec: the variant.
@@ -200,162 +158,33 @@ def scan_cell(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry
       lengths: ``[B]`` int valid lengths in ``1..T``, or None (all ``T``).
       reverse: run each sequence's valid steps backwards; outputs are
         returned in the original time order.
-      unroll: passed to ``jax.lax.scan``.
-      trace: also return the gate activations, each ``[T, B, H]``.
+      trace: also return the gate activations, each ``[T, B, H]`` (a kernel with a ``trace``).
+      options: the kernel's (``unroll``; ``remat`` for ``scan_vjp``; the Pallas kernel's ``block_b``, ...).
 
     Returns:
       ``(ys [T, B, H], final_carry, traces or None)``; ``ys`` is zero past each
       sequence's end, as are the traces.
     """
+    kernel = kernels.get(impl) if isinstance(impl, str) else impl
     if reverse:
         xp = _flip(xp, lengths)
-    masked = lengths is not None
-    xs = (xp, jnp.arange(xp.shape[0])[:, None] < lengths[None, :]) if masked else xp
-
-    def body(carry, inp):
-        xp_t, m_t = inp if masked else (inp, None)
-        out = _cells.step(spec, params, carry, xp_t, trace=trace)
-        new_carry, y = out[0], out[1]
-        tr = out[2] if trace else None
-        if masked:
-            m = m_t[:, None]
-            new_carry = jax.tree.map(lambda n, o: jnp.where(m, n, o), new_carry, carry)
-            y = jnp.where(m, y, jnp.zeros_like(y))
-            if trace:
-                tr = {k: jnp.where(m, v, jnp.zeros_like(v)) for k, v in tr.items()}
-        return new_carry, (y, tr)
-
-    carry, (ys, trs) = jax.lax.scan(body, carry0, xs, unroll=unroll)
+    mask = None if lengths is None else jnp.arange(xp.shape[0])[:, None] < lengths[None, :]
+    if trace:
+        if kernel.trace is None:
+            raise ValueError(f"impl={kernel.name!r} returns no gate traces (impl={kernels.DEFAULT!r} does).")
+        ys, cf, tr = kernel.trace(spec, params, xp, carry0, mask, **options)
+    else:
+        (ys, cf), tr = kernel.run(spec, params, xp, carry0, mask, **options), None
     if reverse:
         ys = _flip(ys, lengths)
-        if trace:
-            trs = {k: _flip(v, lengths) for k, v in trs.items()}
-    return ys, carry, trs
+        tr = None if tr is None else {k: _flip(v, lengths) for k, v in tr.items()}
+    return ys, cf, tr
 
 
-def scan_cell_vjp(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry0, *,
-                  lengths: jax.Array | None = None, reverse: bool = False, unroll: int = 1, remat: bool = False):
-    """:func:`scan_cell` (without traces) with a custom VJP, LSTM family only.
-
-    The backward pass runs the recurrence in reverse for the state gradients
-    only — each step's math is recomputed from the saved previous carry
-    (``jax.vjp`` of :func:`lstm_lab.cells.step` with ``R`` held constant) —
-    and computes the recurrent weight gradients afterwards as single matmuls
-    over all time steps, as cuDNN does: ``dR = h_prev^T @ d_pre`` (the
-    pre-activation gradient equals the gradient of ``xp``, since ``xp`` enters
-    the pre-activations additively) and, for FGR, ``dR_gates = gates_prev^T @
-    d_pre[gates]``. Peephole gradients are summed in the reverse loop.
-    Residuals: the previous carries and the pre-activations ``xp + h_prev @ R``,
-    so a backward step is elementwise math plus one matmul (``d_pre @ R^T``);
-    ``remat=True`` saves ``xp`` instead and recomputes ``h_prev @ R`` in the
-    backward (the same memory as the inputs; one more matmul per step).
-    """
-    if spec.family != "lstm":
-        raise ValueError(f"impl='scan_vjp' supports the LSTM family; {spec.name} is a {spec.family} "
-                         f"(use impl='scan').")
-    if reverse:
-        xp = _flip(xp, lengths)
-    T = xp.shape[0]
-    mask = (jnp.arange(T)[:, None] < lengths[None, :]) if lengths is not None else \
-        jnp.ones((T, xp.shape[1]), bool)
-    mats = {k: params[k] for k in ("R", "R_gates") if k in params}
-    ew = {k: params[k] for k in spec.peephole_names()}
-    ys, cf = _lstm_vjp_core((spec, int(unroll), bool(remat)), mats, ew, xp, carry0, mask)
-    if reverse:
-        ys = _flip(ys, lengths)
-    return ys, cf, None
-
-
-def scan_cell_pallas(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry0, *,
-                     lengths: jax.Array | None = None, reverse: bool = False, **kernel_options):
-    """:func:`scan_cell` (without traces) as one fused Pallas kernel launch per direction.
-
-    Every cell (LSTM family, GRU in both forms, MGU, tanh RNN); the hidden size is split across programs where the
-    weights do not fit one (:data:`lstm_lab.kernels.pallas_rnn.SMEM_BUDGET`); float32 or
-    bfloat16 weights. On GPU the kernel runs through Triton; elsewhere in Pallas interpret
-    mode (correct, slow: for tests). ``kernel_options`` go to
-    :func:`lstm_lab.kernels.pallas_rnn.fused_recurrence` (``block_b``, ``block_h``,
-    ``block_k``, ``stream_weights``, ``num_warps``, ``interpret``, ``precision``).
-    """
-    from lstm_lab.kernels import pallas_rnn  # Pallas is imported only when the kernel runs
-
-    if reverse:
-        xp = _flip(xp, lengths)
-    T = xp.shape[0]
-    mask = (jnp.arange(T)[:, None] < lengths[None, :]) if lengths is not None else \
-        jnp.ones((T, xp.shape[1]), bool)
-    ys, cf = pallas_rnn.fused_recurrence(spec, params, xp, carry0, mask, **kernel_options)
-    if reverse:
-        ys = _flip(ys, lengths)
-    return ys, cf, None
-
-
-def _masked_step(spec, params, carry, xp_t, m_t, rec=None):
-    new, y = _cells.step(spec, params, carry, xp_t, rec=rec)
-    m = m_t[:, None]
-    new = jax.tree.map(lambda n, o: jnp.where(m, n, o), new, carry)
-    return new, jnp.where(m, y, jnp.zeros_like(y))
-
-
-def _lstm_vjp_forward(spec, unroll, remat, mats, ew, xp, carry0, mask):
-    params = {**mats, **ew}
-    R = mats["R"]
-
-    def body(carry, inp):
-        xp_t, m_t = inp
-        rec = jnp.matmul(carry.h.astype(R.dtype), R, preferred_element_type=xp_t.dtype)
-        new, y = _masked_step(spec, params, carry, xp_t, m_t, rec=rec)
-        return new, (y, carry, None if remat else xp_t + rec)
-
-    cf, (ys, prev, pre) = jax.lax.scan(body, carry0, (xp, mask), unroll=unroll)
-    return ys, cf, prev, pre
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lstm_vjp_core(static, mats, ew, xp, carry0, mask):
-    ys, cf, _, _ = _lstm_vjp_forward(*static, mats, ew, xp, carry0, mask)
-    return ys, cf
-
-
-def _lstm_vjp_fwd(static, mats, ew, xp, carry0, mask):
-    ys, cf, prev, pre = _lstm_vjp_forward(*static, mats, ew, xp, carry0, mask)
-    return (ys, cf), (mats, ew, xp if pre is None else pre, mask, prev)
-
-
-def _lstm_vjp_bwd(static, res, cts):
-    spec, unroll, remat = static
-    mats, ew, a_or_xp, mask, prev = res
-    dys, dcf = cts
-    R = mats["R"]
-
-    def body(acc, inp):
-        dcarry, dew = acc
-        carry_prev, a_t, m_t, dy_t = inp
-        if remat:  # a_t is xp_t: recompute the recurrent product
-            a_t = a_t + jnp.matmul(carry_prev.h.astype(R.dtype), R, preferred_element_type=a_t.dtype)
-        zero = jnp.zeros_like(a_t)
-        _, vjp = jax.vjp(lambda c, a, e: _masked_step(spec, {**mats, **e}, c, a, m_t, rec=zero), carry_prev, a_t, ew)
-        dc_prev, da_t, de = vjp((dcarry, dy_t))
-        dh = dc_prev.h + jnp.matmul(da_t.astype(R.dtype), R.T, preferred_element_type=da_t.dtype)
-        return (dc_prev._replace(h=dh.astype(dc_prev.h.dtype)), jax.tree.map(jnp.add, dew, de)), da_t
-
-    (dc0, dew), dxp = jax.lax.scan(body, (dcf, jax.tree.map(jnp.zeros_like, ew)), (prev, a_or_xp, mask, dys),
-                                   reverse=True, unroll=unroll)
-    T, B, nH = dxp.shape
-    acc = dxp.dtype
-    flat = dxp.reshape(T * B, nH)
-    dmats = {"R": jnp.matmul(prev.h.reshape(T * B, -1).astype(R.dtype).T, flat.astype(R.dtype),
-                             preferred_element_type=acc).astype(R.dtype)}
-    if "R_gates" in mats:
-        parts = _cells._split(flat, spec.gate_names())
-        d_extra = jnp.concatenate([parts[g] for g in spec.recurrent_gate_names()], axis=-1)
-        Rg = mats["R_gates"]
-        dmats["R_gates"] = jnp.matmul(prev.gates.reshape(T * B, -1).astype(Rg.dtype).T, d_extra.astype(Rg.dtype),
-                                      preferred_element_type=acc).astype(Rg.dtype)
-    return dmats, dew, dxp.astype(a_or_xp.dtype), dc0, None
-
-
-_lstm_vjp_core.defvjp(_lstm_vjp_fwd, _lstm_vjp_bwd)
+# run_direction with one kernel each (the names these had before lstm_lab.kernels)
+scan_cell = functools.partial(run_direction, "scan")
+scan_cell_vjp = functools.partial(run_direction, "scan_vjp")
+scan_cell_pallas = functools.partial(run_direction, "pallas")
 
 
 # ---------------------------------------------------------------------------
@@ -448,18 +277,22 @@ class RNN(nnx.Module):
       chrono_init: ``T_max`` for chrono initialisation (Tallec & Ollivier 2018),
         or None.
       unroll: scan unroll factor.
-      impl: ``"auto"`` (see :func:`resolve_impl`), ``"scan"`` (``lax.scan`` of the
+      impl: a kernel of :mod:`lstm_lab.kernels`: ``"auto"`` (see
+        :func:`~lstm_lab.kernels.resolve_impl`), ``"scan"`` (``lax.scan`` of the
         step, autodiff backward), ``"scan_vjp"`` (LSTM family: the same forward
-        with a custom backward that keeps the weight gradients out of the loop) or
+        with a custom backward that keeps the weight gradients out of the loop),
         ``"pallas"`` (every cell: the whole loop in one Pallas kernel launch,
         forward and backward; Triton on GPU, interpret mode elsewhere; see
-        :func:`scan_cell_pallas`).
+        :mod:`lstm_lab.kernels.pallas`), or one added by
+        :func:`lstm_lab.kernels.register`.
       remat: with ``scan_vjp``, save only the step inputs and recompute the
         recurrent product in the backward (less memory for long sequences).
-      kernel_options: with ``pallas``: ``block_b`` (batch rows per program, a power
+      kernel_options: options of the kernel beyond ``unroll`` and ``remat``; with
+        ``pallas``: ``block_b`` (batch rows per program, a power
         of two >= 16), ``block_h`` (split the hidden size across programs, for large
         H), ``block_k``, ``stream_weights``, ``num_warps``, ``interpret``,
-        ``precision`` (see :func:`lstm_lab.kernels.pallas_rnn.fused_recurrence`).
+        ``precision`` (see :func:`lstm_lab.kernels.pallas.vjp.fused_recurrence`).
+        A kernel takes the ones it names (:attr:`lstm_lab.kernels.Kernel.options`).
       rngs: :class:`flax.nnx.Rngs` with a ``params`` stream (and ``dropout``
         when ``dropout > 0``).
 
@@ -521,8 +354,8 @@ class RNN(nnx.Module):
                                kernel_options=kernel_options)
         if why:
             raise ValueError(f"RNN: {why}")
-        if impl == "pallas" and jax.default_backend() != "gpu" and (kernel_options or {}).get("interpret") is None:
-            _warn_interpret_once(jax.default_backend())
+        if impl != "auto":
+            kernels.get(impl).on_build(jax.default_backend(), dict(kernel_options or {}))
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"RNN: rngs must be an nnx.Rngs, e.g. nnx.Rngs(0); got {rngs!r}.")
         self.spec = spec
@@ -539,11 +372,8 @@ class RNN(nnx.Module):
         self.impl = impl
         self.remat = bool(remat)
         self.kernel_options = dict(kernel_options or {})
-        if self.kernel_options:  # the kernel's keyword-only arguments are its options
-            import inspect
-
-            from lstm_lab.kernels.pallas_rnn import fused_recurrence
-            known = [n for n, a in inspect.signature(fused_recurrence).parameters.items() if a.kind == a.KEYWORD_ONLY]
+        if self.kernel_options:  # what some kernel takes, less the layer's own arguments
+            known = kernels.kernel_option_names(exclude=LAYER_OPTIONS)
             bad = sorted(set(self.kernel_options) - set(known))
             if bad:
                 raise ValueError(f"RNN: unknown kernel_options {bad}; expected {', '.join(known)}.")
@@ -641,6 +471,7 @@ class RNN(nnx.Module):
         h = h.astype(cd)
         flat_len = None if lengths is None else lengths.reshape(B).astype(jnp.int32)
         finals = []
+        options = {"unroll": self.unroll, "remat": self.remat, **self.kernel_options}
         for li, layer_cells in enumerate(self.cells):
             outs, layer_final = [], []
             for d, cell in enumerate(layer_cells):
@@ -653,16 +484,10 @@ class RNN(nnx.Module):
                     c0 = jax.tree.map(lambda a: jnp.asarray(a).reshape(B, a.shape[-1]).astype(acc),
                                       initial_carry[li][d])
                 want_trace = trace_at == (li, d)
-                impl = resolve_impl(self.impl, self.spec, hidden_size=self.hidden_size, dtype=cd)
-                if impl == "scan_vjp" and not want_trace:
-                    ys, cf, tr = scan_cell_vjp(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
-                                               unroll=self.unroll, remat=self.remat)
-                elif impl == "pallas" and not want_trace:
-                    ys, cf, tr = scan_cell_pallas(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
-                                                  **self.kernel_options)
-                else:
-                    ys, cf, tr = scan_cell(self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
-                                           unroll=self.unroll, trace=want_trace)
+                kernel = kernels.resolve(self.impl, self.spec, hidden_size=self.hidden_size, dtype=cd,
+                                         trace=want_trace)
+                ys, cf, tr = run_direction(kernel, self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
+                                           trace=want_trace, **kernel.options_from(options))
                 if want_trace:
                     return {k: self._unflatten(v, batch_shape, T) for k, v in tr.items()}
                 outs.append(ys.astype(cd))

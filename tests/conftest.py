@@ -82,6 +82,17 @@ def shared_data():
 DISTINCT_PRESETS = [name for i, (name, spec) in enumerate(lstm_lab.VARIANTS.items())
                     if spec not in list(lstm_lab.VARIANTS.values())[:i]]
 
+# The cells every kernel is checked on (tests/test_kernels.py, tests/test_pallas.py): every distinct preset, the GRU
+# in its other form, and LSTM-family flag combinations no preset has (peepholes next to a removed gate, several
+# gates removed at once), so that every flag appears alone and together with others.
+KERNEL_SPECS = {
+    **{name: lstm_lab.VARIANTS[name] for name in DISTINCT_PRESETS},
+    "gru_reset_after": lstm_lab.CellSpec(family="gru", reset_after=True),
+    "nig+noaf+peep": lstm_lab.CellSpec(input_gate=False, output_activation="identity", peepholes=True),
+    "nfg+nog+niaf": lstm_lab.CellSpec(forget_gate=False, output_gate=False, input_activation="identity"),
+    "cifg+peep": lstm_lab.CellSpec(coupled=True, peepholes=True),
+}
+
 
 def randomize(layer: lstm_lab.RNN, seed: int, scale: float = 0.5) -> lstm_lab.RNN:
     """Overwrite every parameter with random non-zero values (in place)."""

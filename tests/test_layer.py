@@ -1,4 +1,5 @@
-"""The RNN layer: gradients, identities, precision, layouts, carries, init, bad input."""
+"""The RNN layer: identities, precision, layouts, carries, init, bad input. (Every kernel's outputs and gradients
+against the reference: tests/test_kernels.py.)"""
 
 from __future__ import annotations
 
@@ -7,53 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.test_util import check_grads
 
 import lstm_lab
-from lstm_lab import CellSpec, VARIANTS
+from lstm_lab import VARIANTS
 
-from conftest import DISTINCT_PRESETS, random_carry, randomize
+from conftest import DISTINCT_PRESETS, randomize
 
 PRESETS = DISTINCT_PRESETS
-ALL_FAMILY_SPECS = {**{n: VARIANTS[n] for n in PRESETS}, "gru_reset_after": CellSpec(family="gru", reset_after=True)}
 
 
 def _x(shape, seed=0, dtype=jnp.float32):
     return jnp.asarray(np.random.default_rng(seed).normal(0, 1, shape), dtype)
-
-
-# ---------------------------------------------------------------------------
-# Gradients
-# ---------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", ["scan", "auto"])
-@pytest.mark.parametrize("name", list(ALL_FAMILY_SPECS))
-def test_check_grads_float64(name, impl):
-    """Forward and reverse mode of the plain scan; reverse mode of what impl="auto" runs (on the CPU the
-    LSTM family's custom VJP, which has no forward mode, as any custom_vjp)."""
-    spec = ALL_FAMILY_SPECS[name]
-    if impl == "auto" and lstm_lab.recurrent.resolve_impl("auto", spec) == "scan":
-        pytest.skip("impl='auto' runs the plain scan for this family here: the 'scan' case covers it")
-    layer = randomize(lstm_lab.RNN(3, 3, spec, bidirectional=True, param_dtype=jnp.float64, rngs=nnx.Rngs(0),
-                                   impl=impl), seed=1, scale=0.4)
-    graphdef, params = nnx.split(layer)
-    x = _x((2, 4, 3), seed=2, dtype=jnp.float64)
-    carry = random_carry(layer, (2,), seed=3, dtype=jnp.float64)
-    lengths = jnp.array([4, 2])
-
-    def f(params, x, carry):
-        y, final = nnx.merge(graphdef, params)(x, seq_lengths=lengths, initial_carry=carry)
-        return y, final
-
-    modes = ("fwd", "rev") if lstm_lab.recurrent.resolve_impl(impl, layer.spec) == "scan" else ("rev",)
-    check_grads(jax.jit(f), (params, x, carry), order=1, modes=modes)
-
-
-def test_auto_impl_table():
-    from lstm_lab.recurrent import resolve_impl
-
-    lstm, gru = lstm_lab.cells.VARIANTS["vanilla"], lstm_lab.cells.VARIANTS["gru"]
-    assert resolve_impl("auto", lstm, "cpu") == "scan_vjp" and resolve_impl("auto", gru, "cpu") == "scan"
-    assert resolve_impl("auto", lstm, "gpu") == "scan" and resolve_impl("scan", lstm, "cpu") == "scan"
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +220,7 @@ def test_raw_input_cell_call_matches_layer():
 def no_scan(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("the scan ran before the input was checked")
-    monkeypatch.setattr(lstm_lab.recurrent, "scan_cell", fail)
+    monkeypatch.setattr(lstm_lab.recurrent, "run_direction", fail)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
-"""impl="pallas" (the whole recurrence in one Pallas kernel launch, forward and backward) computes the
-same function and the same gradients as the plain scan. On a CPU the kernel runs in Pallas interpret
-mode; its lowering to Triton (what a GPU runs) is checked by exporting for CUDA, which needs no GPU."""
+"""impl="pallas" (the whole recurrence in one Pallas kernel launch, forward and backward): its schedules and
+options compute the same function and the same gradients as the plain scan (every cell against the float64
+reference is tests/test_kernels.py). On a CPU the kernel runs in Pallas interpret mode; its lowering to Triton
+(what a GPU runs) is checked by exporting for CUDA, which needs no GPU."""
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import jax
@@ -14,11 +16,11 @@ from flax import nnx
 
 import lstm_lab
 from lstm_lab import cells
-from lstm_lab.cells import CellSpec
-from lstm_lab.kernels import pallas_rnn
+from lstm_lab.kernels import pallas as pallas_kernel
+from lstm_lab.kernels.pallas import plan as pallas_plan
 from lstm_lab.recurrent import scan_cell, scan_cell_pallas
 
-from conftest import DISTINCT_PRESETS
+from conftest import DISTINCT_PRESETS, KERNEL_SPECS
 
 
 @pytest.fixture(autouse=True)
@@ -29,19 +31,7 @@ def _exact_float32_matmuls():
         yield
 
 
-# Every LSTM-family flag appears in at least one spec, the GRU in both forms, the MGU and the tanh RNN.
-SPECS = {
-    "lstm": cells.VARIANTS["lstm"],
-    "vanilla": cells.VARIANTS["vanilla"],                                    # peepholes on i, f, o
-    "nig+noaf+peep": CellSpec(input_gate=False, output_activation="identity", peepholes=True),
-    "nfg+nog+niaf": CellSpec(forget_gate=False, output_gate=False, input_activation="identity"),
-    "cifg+peep": CellSpec(coupled=True, peepholes=True),
-    "fgr": cells.VARIANTS["fgr"],
-    "gru": cells.VARIANTS["gru"],
-    "gru_reset_after": CellSpec(family="gru", reset_after=True),
-    "mgu": cells.VARIANTS["mgu"],
-    "rnn": cells.VARIANTS["rnn"],
-}
+SPECS = KERNEL_SPECS
 
 
 def _case(spec, T, B, H, seed, dtype=jnp.float32):
@@ -79,18 +69,6 @@ def _assert_close(got, want, tol, what):
         assert g.shape == w.shape, f"{what}{jax.tree_util.keystr(path)}: shape {g.shape} != {w.shape}"
         err = _rel(g, w)
         assert err < tol, f"{what}{jax.tree_util.keystr(path)}: relative error {err:.2e} >= {tol}"
-
-
-@pytest.mark.parametrize("name", list(SPECS))
-def test_kernel_matches_scan(name):
-    """Outputs, final carry and every gradient (weights, peepholes, b_hn, xp, initial carry) equal the scan's
-    to 1e-5, with per-row lengths; B=3, H=12 exercise the batch and hidden padding."""
-    spec = SPECS[name]
-    case = _case(spec, T=6, B=3, H=12, seed=hash(name) % 1000)
-    reverse = name in ("vanilla", "gru")
-    want = _run(scan_cell, spec, *case, reverse)
-    got = _run(scan_cell_pallas, spec, *case, reverse)
-    _assert_close(got, want, 1e-5, name)
 
 
 def test_kernel_several_programs_and_shapes():
@@ -132,7 +110,7 @@ def test_layer_bidirectional_bf16():
 def test_lowers_to_triton(name):
     """Forward and backward lower to Triton kernels for CUDA (no GPU needed to lower): every primitive the
     cell math uses has a Triton lowering, and the forward is one kernel launch, forward+backward two."""
-    spec = SPECS.get(name) or cells.VARIANTS[name]
+    spec = SPECS[name]
     params, xp, carry0, lengths, _ = _case(spec, T=5, B=20, H=40, seed=1)
     f = lambda p, xp, c0: scan_cell_pallas(spec, p, xp, c0, lengths=lengths, interpret=False)[:2]
     g = jax.grad(lambda *a: sum(jnp.sum(v) for v in jax.tree.leaves(f(*a))), argnums=(0, 1, 2))
@@ -140,6 +118,16 @@ def test_lowers_to_triton(name):
     for fn, launches in ((f, 1), (g, 2)):
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(params, xp, carry0)
         assert exported.mlir_module().count("stablehlo.custom_call @__gpu$xla.gpu.triton") == launches
+
+
+def test_registry_entry_takes_the_kernels_options():
+    """The entry (imported without Pallas) names fused_recurrence's keyword options, which the layer checks
+    kernel_options against."""
+    from lstm_lab.kernels.pallas.vjp import fused_recurrence
+
+    params = inspect.signature(fused_recurrence).parameters.values()
+    assert pallas_kernel.OPTIONS == tuple(p.name for p in params if p.kind == p.KEYWORD_ONLY)
+    assert lstm_lab.kernels.get("pallas").options == pallas_kernel.OPTIONS
 
 
 def test_unsupported_is_refused():
@@ -156,9 +144,9 @@ def test_unsupported_is_refused():
 
 def test_auto_takes_the_kernel_where_the_table_says_and_falls_back(monkeypatch):
     """A backend whose AUTO_IMPL entry is "pallas" runs the kernel; sizes or dtypes it cannot take get the scan."""
-    from lstm_lab import recurrent
+    from lstm_lab import kernels
 
-    monkeypatch.setitem(recurrent.AUTO_IMPL, (jax.default_backend(), "gru"), "pallas")
+    monkeypatch.setitem(kernels.AUTO_IMPL, (jax.default_backend(), "gru"), "pallas")
     x = jnp.ones((2, 3, 4), jnp.float32)
 
     def runs_kernel(H, dtype=jnp.float32):
@@ -168,7 +156,7 @@ def test_auto_takes_the_kernel_where_the_table_says_and_falls_back(monkeypatch):
     assert runs_kernel(8)
     assert runs_kernel(200)  # 3 x 256 x 256 f32 weights do not fit one program: split in 4 column blocks
     assert not runs_kernel(8, jnp.float64)
-    monkeypatch.setattr(pallas_rnn, "SM_COUNT", 2)
+    monkeypatch.setattr(pallas_plan, "SM_COUNT", 2)
     assert not runs_kernel(200)  # 4 column blocks would not all be resident on 2 multiprocessors
 
 
@@ -188,7 +176,7 @@ def test_hidden_split_across_programs_matches_scan(name):
 def test_split_plan_and_streamed_weights():
     """Without block_h the plan splits H only when the whole weights exceed the shared-memory budget, and
     streams the weights when even 16 columns do not fit; streamed weights compute the same function."""
-    plan = pallas_rnn._plan
+    plan = pallas_plan.launch_plan
     lstm, fgr = SPECS["lstm"], SPECS["fgr"]
     assert plan(lstm, 64, 8, 4, 16, None, 132, None) == (16, 64, False)        # 64 KiB: whole
     assert plan(lstm, 128, 8, 2, 16, None, 132, None) == (16, 128, False)      # bf16: 128 KiB, whole
@@ -266,7 +254,7 @@ def test_training_population_with_model_impl_pallas(tmp_path):
     with the metrics of the same population on the scan (to 1e-5); a dtype the kernel lacks is refused by
     config field name."""
     from lstm_lab.config import Config, apply_overrides
-    from lstm_lab.population import train_population
+    from lstm_lab.training import train_population
     from lstm_lab.training import train
 
     base = {"task.name": "copy", "task.options": {"T": 1}, "model.hidden_size": 12, "model.cell": "rnn",
@@ -288,11 +276,9 @@ def test_training_population_with_model_impl_pallas(tmp_path):
 
 
 def test_interpret_mode_off_gpu_is_said_once():
-    from lstm_lab import recurrent
-
     if jax.default_backend() == "gpu":
         pytest.skip("on a GPU the kernel is compiled")
-    recurrent._warn_interpret_once.cache_clear()
+    pallas_kernel._warn_interpret_once.cache_clear()
     with pytest.warns(UserWarning, match=r"interpret mode on 'cpu' \(no GPU\)"):
         lstm_lab.RNN(3, 8, "lstm", impl="pallas", rngs=nnx.Rngs(0))
     import warnings
@@ -300,5 +286,5 @@ def test_interpret_mode_off_gpu_is_said_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lstm_lab.RNN(3, 8, "lstm", impl="pallas", rngs=nnx.Rngs(0))  # once per process and backend
-        recurrent._warn_interpret_once.cache_clear()
+        pallas_kernel._warn_interpret_once.cache_clear()
         lstm_lab.RNN(3, 8, "lstm", impl="pallas", kernel_options={"interpret": True}, rngs=nnx.Rngs(0))
