@@ -1,4 +1,4 @@
-"""lstm_lab.sweep.reporting: the Odyssey-style study report, on small synthetic studies.
+"""lstm_lab.analysis: the Odyssey-style study report and its statistics, on small synthetic studies.
 
 The synthetic metric depends strongly on the learning rate (a parabola in log
 space), weakly on the rest, and NFG is 1.0 worse than the others, so the report
@@ -16,18 +16,15 @@ import re
 import numpy as np
 import pytest
 
-from lstm_lab.sweep.reporting import build_report, display_name, fmt, fmt_p
+from lstm_lab.analysis import stats
+from lstm_lab.analysis.render import display_name, fmt, fmt_p
+from lstm_lab.analysis.report import build_report
 
 pd = pytest.importorskip("pandas")
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 pytest.importorskip("scipy")
 pytest.importorskip("sklearn")  # fANOVA's random forest
-FloatDistribution = optuna.distributions.FloatDistribution
-IntDistribution = optuna.distributions.IntDistribution
-CategoricalDistribution = optuna.distributions.CategoricalDistribution
-TrialState = optuna.trial.TrialState
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["distributions.png", "welch.png", "importance.png", "hyperparams.png", "curves.png"]
 PARAMS = {
@@ -41,14 +38,10 @@ PARAMS = {
 
 
 def make_study(variants=("vanilla", "NFG", "CIFG"), n_per=12, seed=0, listed=None, constant=None):
-    """(info, trials, curves, frozen_trials) of a synthetic random search; ``constant`` fixes every value."""
+    """(info, trials, curves) of a synthetic random search; ``constant`` fixes every value."""
     rng = np.random.default_rng(seed)
     listed = list(listed or variants)
-    dists = {"optim.learning_rate": FloatDistribution(1e-4, 1e-1, log=True),
-             "model.hidden_size": IntDistribution(8, 64, log=True),
-             "1-optim.momentum": FloatDistribution(0.01, 1.0, log=True),
-             "variant": CategoricalDistribution(listed)}
-    rows, curve_rows, frozen = [], [], []
+    rows, curve_rows = [], []
     number = 0
     for variant in variants:
         for i in range(n_per):
@@ -58,10 +51,6 @@ def make_study(variants=("vanilla", "NFG", "CIFG"), n_per=12, seed=0, listed=Non
             value = (1.0 + (math.log10(lr) + 2.5) ** 2 + 0.05 * math.log10(hidden) + 0.05 * rng.normal()
                      + (1.0 if variant == "NFG" else 0.0))
             value = value if constant is None else constant
-            params = {"optim.learning_rate": lr, "model.hidden_size": hidden, "1-optim.momentum": one_minus,
-                      "variant": variant}
-            frozen.append(optuna.trial.create_trial(state=TrialState.COMPLETE, value=value, params=params,
-                                                    distributions=dists))
             rows.append({"number": number, "slot": f"{variant}/{i:04d}", "variant": variant, "seed": i,
                          "status": "complete", "value": value, "valid.loss": value + 0.01, "test.loss": value,
                          "wall_seconds": 1.0, "workdir": f"/tmp/w/{number}", "error": None,
@@ -79,13 +68,10 @@ def make_study(variants=("vanilla", "NFG", "CIFG"), n_per=12, seed=0, listed=Non
                      "status": status, "value": np.nan, "valid.loss": np.nan, "test.loss": np.nan,
                      "wall_seconds": 0.5, "workdir": f"/tmp/w/{number}", "error": error,
                      "optim.learning_rate": 0.5, "model.hidden_size": 8, "optim.momentum": 0.5})
-        frozen.append(optuna.trial.create_trial(state=TrialState.FAIL if status != "running" else TrialState.RUNNING,
-                                                params={"variant": variants[0]},
-                                                distributions={"variant": dists["variant"]}))
         number += 1
     info = {"name": "synthetic", "metric": "test.loss", "direction": "minimize", "baseline": "vanilla",
             "variants": listed, "task": "toy", "params": PARAMS}
-    return info, pd.DataFrame(rows), pd.DataFrame(curve_rows), frozen
+    return info, pd.DataFrame(rows), pd.DataFrame(curve_rows)
 
 
 def md_tables(md: str) -> list[list[list[str]]]:
@@ -116,8 +102,8 @@ def row(table: list[list[str]], first: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "nested" / "out"  # created by build_report
-    info, trials, curves, frozen = make_study()
-    path = build_report(out, info, trials, curves, frozen)
+    info, trials, curves = make_study()
+    path = build_report(out, info, trials, curves)
     return path, trials
 
 
@@ -217,11 +203,14 @@ def test_html_has_the_same_content(report):
 
 
 def test_small_and_degenerate_studies(tmp_path):
-    # NIG: one complete trial; PNG: listed but never run; no curves; no optuna trials.
-    info, trials, _, _ = make_study(variants=("vanilla", "NFG", "NIG"), n_per=4,
-                                    listed=["vanilla", "NFG", "NIG", "PNG"])
-    trials = trials[~((trials["variant"] == "NIG") & (trials["number"] % 4 != 0))]
-    path = build_report(tmp_path / "small", info, trials, pd.DataFrame(), [])
+    # NIG: one complete trial; PNG: listed but never run; no curves; only 3 complete trials carry every
+    # hyperparameter (too few for fANOVA).
+    info, trials, _ = make_study(variants=("vanilla", "NFG", "NIG"), n_per=4,
+                                 listed=["vanilla", "NFG", "NIG", "PNG"])
+    trials = trials[~((trials["variant"] == "NIG") & (trials["number"] % 4 != 0))].copy()
+    complete = trials.index[trials["status"] == "complete"]
+    trials.loc[complete[3:], "optim.learning_rate"] = np.nan
+    path = build_report(tmp_path / "small", info, trials, pd.DataFrame())
     md = path.read_text()
     all_trials, _ = md_tables(section(md, "## Welch"))
     assert row(all_trials, "NIG")["result"] == "n/a (n < 2)"
@@ -231,21 +220,21 @@ def test_small_and_degenerate_studies(tmp_path):
     assert "fANOVA needs at least" in section(md, "## Hyperparameter importance")
 
     # Every value equal: no variance anywhere, and nothing crashes.
-    info, trials, curves, frozen = make_study(n_per=3, constant=2.0)
-    md = build_report(tmp_path / "flat", info, trials, curves, frozen).read_text()
+    info, trials, curves = make_study(n_per=3, constant=2.0)
+    md = build_report(tmp_path / "flat", info, trials, curves).read_text()
     assert row(md_tables(section(md, "## Welch"))[0], "NFG")["result"] == "n/a (no variance)"
     assert "same test.loss" in section(md, "## Hyperparameter importance")
 
 
 def test_no_completed_trials(tmp_path):
-    info, trials, curves, frozen = make_study(n_per=2)
+    info, trials, curves = make_study(n_per=2)
     trials["status"] = "failed"
     with pytest.raises(ValueError, match="no completed trials"):
-        build_report(tmp_path / "none", info, trials, curves, frozen)
+        build_report(tmp_path / "none", info, trials, curves)
     trials["status"] = "complete"
     trials["value"] = np.nan
     with pytest.raises(ValueError, match="no completed trials"):
-        build_report(tmp_path / "none", info, trials, curves, frozen)
+        build_report(tmp_path / "none", info, trials, curves)
     assert not (tmp_path / "none").exists()
 
 
@@ -256,3 +245,26 @@ def test_formatting():
     assert fmt_p(0.04567) == "0.0457"
     assert fmt(1234.5678) == "1235" and fmt(0.000123456) == "0.0001235" and fmt(np.int64(7)) == "7"
     assert fmt(float("nan")) == "–"
+
+
+def test_stats_are_tables_in_tables_out():
+    # top 10%: ceil(n / 10) exactly (0.1 * 30 is 3.0000000000000004 in floating point), at least one, best first
+    assert len(stats.top_fraction(np.arange(30.0))) == 3 and len(stats.top_fraction(np.arange(31.0))) == 4
+    assert list(stats.top_fraction([3.0, 1.0, 2.0])) == [1.0]
+    assert list(stats.top_fraction([3.0, 1.0, 2.0], "maximize")) == [3.0]
+    assert len(stats.top_fraction([])) == 0
+    info, trials, _ = make_study()
+    done = trials[trials["status"] == "complete"]
+    values = {v: done.loc[done["variant"] == v, "value"].to_numpy() for v in ("vanilla", "NFG", "CIFG")}
+    w = stats.welch_vs_baseline(values, "vanilla")
+    assert list(w.index) == ["NFG", "CIFG"] and w.loc["NFG", "result"] == "worse *" and w.loc["NFG", "p_value"] < 0.05
+    assert w.loc["NFG", "ci_low"] < w.loc["NFG", "difference"] < w.loc["NFG", "ci_high"]
+    one = stats.welch_vs_baseline({**values, "NFG": values["NFG"][:1]}, "vanilla")
+    assert one.loc["NFG", "result"] == "n/a (n < 2)"
+    imp = stats.fanova_importance(trials, PARAMS, variants=info["variants"], metric="test.loss")
+    assert imp.index.name == "hyperparameter" and list(imp.columns) == ["all", "vanilla", "NFG", "CIFG"]
+    assert imp.index[0] == "optim.learning_rate" and math.isclose(imp["all"].sum(), 1.0, abs_tol=2e-3)
+    assert np.isnan(imp.loc["variant", "NFG"]) and imp.attrs["notes"] == []
+    # the same table whatever other columns or rows come along (failed, running: left out)
+    again = stats.fanova_importance(done[["variant", "value", *PARAMS]], PARAMS, variants=info["variants"])
+    pd.testing.assert_frame_equal(imp, again)

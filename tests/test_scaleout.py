@@ -20,7 +20,10 @@ import uuid
 import pytest
 
 from lstm_lab import sweep
-from lstm_lab.sweep import runner
+from lstm_lab.analysis.report import report
+from lstm_lab.sweep import storage as db
+from lstm_lab.sweep.results import study_status
+from lstm_lab.sweep.study import attach_study, prepare_study
 
 from conftest import free_port
 from test_study_planning import plan_at_once, trial_slots
@@ -60,7 +63,7 @@ def pg_url(monkeypatch):
     with admin.connect() as c:
         c.execute(sa.text(f"CREATE DATABASE {name}"))
     url = sa.engine.make_url(PG).set(database=name).render_as_string(hide_password=False)
-    monkeypatch.setenv(runner.STORAGE_ENV, url)
+    monkeypatch.setenv(db.STORAGE_ENV, url)
     yield url
     with admin.connect() as c:
         c.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -115,9 +118,9 @@ def test_three_workers_one_killed_every_trial_completes_once(tmp_path, pg_url):
     assert not (ROOT / "three").exists()
     st = sweep.status("three", storage=pg_url)
     assert st["complete"] == 4 and st["study"] == "three"
-    out = sweep.report("three", tmp_path / "elsewhere", storage=pg_url)
+    out = report("three", tmp_path / "elsewhere", storage=pg_url)
     assert out.is_file() and (tmp_path / "elsewhere" / "trials.csv").is_file()
-    assert sweep.report("three", tmp_path / "again", storage=pg_url).is_file()  # a second call works too
+    assert report("three", tmp_path / "again", storage=pg_url).is_file()  # a second call works too
 
 
 def test_database_restart_mid_sweep(tmp_path, pg_url):
@@ -163,8 +166,8 @@ def test_bad_urls_credentials_and_a_different_study(tmp_path, pg_url):
     }
     for what, bad in cases.items():  # in-process: a clear StorageError, nothing written, no password shown
         d = sd / what.replace(" ", "_")
-        with pytest.raises(runner.StorageError) as e:
-            runner.prepare_study(sweep.load_study(f), d, storage=bad.render_as_string(hide_password=False),
+        with pytest.raises(db.StorageError) as e:
+            prepare_study(sweep.load_study(f), d, storage=bad.render_as_string(hide_password=False),
                                  log=lambda m: None)
         msg = str(e.value)
         assert msg.startswith("storage 'postgresql") and "***" in msg, msg
@@ -186,9 +189,9 @@ def test_bad_urls_credentials_and_a_different_study(tmp_path, pg_url):
     # a worker on a machine with the study's name only: the study is rebuilt from its record in the database
     f.unlink()
     study, d = sweep.worker_study("bad", tmp_path / "by_name", pg_url)
-    assert study.fingerprint() == runner.study_dir_info(sd)["fingerprint"] and d == tmp_path / "by_name"
-    runner.attach_study(study, d, pg_url, log=lambda m: None)
-    assert runner.study_status(d)["planned"] == 2
+    assert study.fingerprint() == db.study_dir_info(sd)["fingerprint"] and d == tmp_path / "by_name"
+    attach_study(study, d, pg_url, log=lambda m: None)
+    assert study_status(d)["planned"] == 2
 
 
 def test_planners_on_one_database_without_a_shared_directory_plan_once(tmp_path, pg_url):
@@ -210,7 +213,7 @@ def test_passwords_are_masked_and_never_written(tmp_path, pg_url):
     password = sa.engine.make_url(pg_url).password
     f = write_study(tmp_path / "s.py", name="secret", base=TRIAL, variants=("vanilla",), trials_per_variant=2)
     sd = tmp_path / "study"
-    clean = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", runner.STORAGE_ENV)}
+    clean = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", db.STORAGE_ENV)}
     out = subprocess.run([sys.executable, "-m", "lstm_lab.cli", "sweep", str(f), "--dir", str(sd), "--storage", pg_url,
                           "--workers", "2", "--no-report"], capture_output=True, text=True, cwd=ROOT,
                          env={**clean, **FAST_HEARTBEAT})
@@ -221,8 +224,8 @@ def test_passwords_are_masked_and_never_written(tmp_path, pg_url):
         if path.is_file():
             assert password.encode() not in path.read_bytes(), path
     stored = json.loads((sd / "study.json").read_text())["storage"]
-    assert stored == runner.without_password(pg_url) and "@" in stored
-    ostudy = runner.open_study(sd, pg_url)
+    assert stored == db.without_password(pg_url) and "@" in stored
+    ostudy = db.open_study(sd, pg_url)
     assert password not in json.dumps([ostudy.user_attrs, [t.user_attrs for t in ostudy.trials]], default=str)
 
     def status(**env):
@@ -231,7 +234,7 @@ def test_passwords_are_masked_and_never_written(tmp_path, pg_url):
 
     out = status()  # no password anywhere: libpq asks the server, which refuses
     assert out.returncode == 2 and "password" in out.stderr and out.stderr.count("\n") == 1, out.stderr
-    out = status(**{runner.STORAGE_ENV: pg_url})
+    out = status(**{db.STORAGE_ENV: pg_url})
     assert out.returncode == 0 and "complete" in out.stdout and password not in out.stdout, out.stderr
     out = status(PGPASSWORD=password)
     assert out.returncode == 0 and "complete" in out.stdout and password not in out.stdout, out.stderr

@@ -14,7 +14,11 @@ import pytest
 
 from lstm_lab import sweep
 from lstm_lab.cli import main
-from lstm_lab.sweep import runner
+from lstm_lab.analysis.report import REPORT_STATE, report_is_current
+from lstm_lab.sweep import storage as db
+from lstm_lab.sweep.results import format_status
+from lstm_lab.sweep.study import prepare_study
+from lstm_lab.sweep.worker import run_worker
 
 from test_sweep import TINY, cli, write_study
 
@@ -33,10 +37,10 @@ def test_trial_lines_failed_trials_and_progress_lines(tmp_path, monkeypatch, cap
                     space={"task.name": "Choice('copy', 'nosuchtask')"})
     study = sweep.load_study(f)
     sd = tmp_path / "st"
-    runner.prepare_study(study, sd, log=lambda m: None)
+    prepare_study(study, sd, log=lambda m: None)
     monkeypatch.setenv("LSTM_LAB_PROGRESS_SECONDS", "0.2")
     logs = []
-    runner.run_worker(study, sd, log=logs.append)  # stderr is not a terminal here: progress lines
+    run_worker(study, sd, log=logs.append)  # stderr is not a terminal here: progress lines
     done = [ln for ln in logs if ln.startswith("trial ")]
     assert len(done) == 2, logs
     assert any(re.fullmatch(r"trial \d vanilla/000\d: complete test\.loss=[-+.e\d]+ \(\d+\.\d s\)", ln) for ln in done), done
@@ -63,10 +67,10 @@ def test_lines_go_through_the_bar_on_a_terminal(tmp_path, monkeypatch):
     f = write_study(tmp_path / "s.py", variants=("vanilla",), base=FAST)
     study = sweep.load_study(f)
     sd = tmp_path / "st"
-    runner.prepare_study(study, sd, log=lambda m: None)
+    prepare_study(study, sd, log=lambda m: None)
     term = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", term)
-    runner.run_worker(study, sd, log=lambda m: print(m, file=sys.stderr))
+    run_worker(study, sd, log=lambda m: print(m, file=sys.stderr))
     monkeypatch.undo()
     text = term.getvalue()
     assert "study tiny" in text and "2/2" in text  # the bar
@@ -85,11 +89,11 @@ def test_status_tells_a_running_trial_whose_worker_is_gone(tmp_path, monkeypatch
     monkeypatch.setenv("LSTM_LAB_GRACE_PERIOD", "1")
     study = sweep.load_study(write_study(tmp_path / "s.py", variants=("vanilla",)))
     sd = tmp_path / "st"
-    runner.prepare_study(study, sd, log=lambda m: None)
-    ostudy = runner.open_study(sd, sampler=study.sampler())
-    (mine,) = runner._pop(ostudy, study, 1)  # this process: alive
-    (theirs,) = runner._pop(ostudy, study, 1)
-    ostudy._storage.set_trial_user_attr(theirs._trial_id, "host", "node-b")  # elsewhere: only its heartbeat tells
+    prepare_study(study, sd, log=lambda m: None)
+    ostudy = db.open_study(sd, sampler=study.sampler())
+    (mine,) = db.pop(ostudy, 1)  # this process: alive
+    (theirs,) = db.pop(ostudy, 1)
+    theirs.set_user_attr("host", "node-b")  # elsewhere: only its heartbeat tells
     st = sweep.status(sd)
     assert (st["running"], st["dead"]) == (2, 0)
     time.sleep(2.5)
@@ -97,7 +101,7 @@ def test_status_tells_a_running_trial_whose_worker_is_gone(tmp_path, monkeypatch
     st = sweep.status(sd)
     assert (st["running"], st["dead"]) == (1, 1), st
     assert st["dead_trials"][0]["number"] == theirs.number and "no heartbeat" in st["dead_trials"][0]["why"]
-    assert f"trial {theirs.number} vanilla/0001: running (worker dead): no heartbeat" in runner.format_status(st)
+    assert f"trial {theirs.number} vanilla/0001: running (worker dead): no heartbeat" in format_status(st)
 
 
 @pytest.mark.integration  # end to end: whole runs or sweeps
@@ -109,11 +113,11 @@ def test_finished_study_is_not_run_or_reported_again(tmp_path, capsys):
     assert "report: " in out.out and out.err.count("trial ") == 2
     html = sd / "report" / "report.html"
     written = html.stat().st_mtime_ns
-    assert sweep.report_is_current(sd)
+    assert report_is_current(sd)
     page = html.read_text()  # one file to share: figures embedded, the CSV linked
     assert 'src="data:image/png;base64,' in page and not re.search(r'src="[^"]*\.png"', page)
     assert '<a href="trials.csv">trials.csv</a>' in page
-    assert json.loads((sd / "report" / sweep.REPORT_STATE).read_text())["trials"] == 2
+    assert json.loads((sd / "report" / REPORT_STATE).read_text())["trials"] == 2
 
     assert main(["sweep", str(f), "--dir", str(sd)]) == 0
     out = capsys.readouterr()
@@ -123,9 +127,9 @@ def test_finished_study_is_not_run_or_reported_again(tmp_path, capsys):
     assert main(["sweep", str(f), "--dir", str(sd), "--report"]) == 0
     assert "report: " in capsys.readouterr().out and html.stat().st_mtime_ns != written
 
-    ostudy = runner.open_study(sd)  # a trial changed since: the report is stale
+    ostudy = db.open_study(sd)  # a trial changed since: the report is stale
     ostudy.enqueue_trial({}, user_attrs={"slot": "extra"})
-    assert not sweep.report_is_current(sd)
+    assert not report_is_current(sd)
     with pytest.raises(SystemExit):
         main(["sweep", str(f), "--report", "--no-report"])
 

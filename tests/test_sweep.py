@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from lstm_lab import sweep
-from lstm_lab.sweep import runner
+from lstm_lab.sweep import storage as db
+from lstm_lab.sweep.results import format_status
+from lstm_lab.sweep.study import prepare_study
 from lstm_lab.sweep import Choice, LogUniform, OneMinusLogUniform, Study, StudyError, Uniform
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -116,8 +118,8 @@ def test_study_file_relative_base(tmp_path):
 def test_unreachable_storage_writes_nothing(tmp_path):
     study = sweep.load_study(write_study(tmp_path / "s.py"))
     for url in (f"sqlite:///{tmp_path}/no/such/dir/x.db", "nosuchdialect://x/y"):
-        with pytest.raises(runner.StorageError, match="storage"):
-            runner.prepare_study(study, tmp_path / "st", storage=url)
+        with pytest.raises(db.StorageError, match="storage"):
+            prepare_study(study, tmp_path / "st", storage=url)
         assert not (tmp_path / "st").exists()
     out = cli("sweep", tmp_path / "s.py", "--dir", tmp_path / "st", "--storage", "nosuchdialect://x", check=False)
     assert out.returncode == 2 and "nosuchdialect" in out.stderr and not (tmp_path / "st").exists()
@@ -126,10 +128,10 @@ def test_unreachable_storage_writes_nothing(tmp_path):
 def test_different_study_in_dir_is_refused(tmp_path):
     a = sweep.load_study(write_study(tmp_path / "a.py"))
     b = sweep.load_study(write_study(tmp_path / "b.py", trials_per_variant=3))
-    runner.prepare_study(a, tmp_path / "st", log=lambda m: None)
-    with pytest.raises(runner.StudyConflictError, match="trials_per_variant"):
-        runner.prepare_study(b, tmp_path / "st", log=lambda m: None)
-    runner.prepare_study(b, tmp_path / "st", force=True, log=lambda m: None)
+    prepare_study(a, tmp_path / "st", log=lambda m: None)
+    with pytest.raises(db.StudyConflictError, match="trials_per_variant"):
+        prepare_study(b, tmp_path / "st", log=lambda m: None)
+    prepare_study(b, tmp_path / "st", force=True, log=lambda m: None)
     assert sweep.status(tmp_path / "st")["planned"] == 6
     assert list(tmp_path.glob("st.replaced-*"))  # the old one moved aside, not deleted
 
@@ -137,7 +139,7 @@ def test_different_study_in_dir_is_refused(tmp_path):
 @pytest.mark.integration  # lstm-lab processes
 def test_report_without_completed_trials_fails(tmp_path):
     study = sweep.load_study(write_study(tmp_path / "s.py"))
-    runner.prepare_study(study, tmp_path / "st", log=lambda m: None)
+    prepare_study(study, tmp_path / "st", log=lambda m: None)
     st = sweep.status(tmp_path / "st")
     assert st["planned"] == 4 and st["waiting"] == 4 and st["complete"] == 0
     out = cli("report", tmp_path / "st", check=False)
@@ -185,6 +187,26 @@ def test_sigkill_mid_sweep_then_rerun_completes_each_trial_once(tmp_path):
 
 
 @pytest.mark.integration  # lstm-lab processes
+def test_sigkill_of_a_population_sweep_resumes_it_bitwise(tmp_path):
+    """A population of 2 trials SIGKILLed at step 15 (checkpoints at 10) is retried from its members' step-10
+    checkpoints and ends with bitwise the results of a sweep that was never killed."""
+    f = write_study(tmp_path / "s.py", variants=("vanilla",))
+    cli("sweep", f, "--dir", tmp_path / "a", "--no-report", "--population", "2")
+    out = cli("sweep", f, "--dir", tmp_path / "b", "--no-report", "--population", "2",
+              env={"LSTM_LAB_DEBUG_SIGKILL_TRIAL": "0:15"}, check=False)
+    assert out.returncode == -9, out.stderr
+    cli("sweep", f, "--dir", tmp_path / "b", "--no-report", "--population", "2")
+    assert all(v[-1] == "complete" and len(v) == 2 for v in slot_outcomes(tmp_path / "b").values())
+    a, b = (sweep.trials(tmp_path / d).set_index("slot").sort_index() for d in ("a", "b"))
+    assert list(a.index) == list(b.index) == ["vanilla/0000", "vanilla/0001"]
+    assert list(a["value"]) == list(b["value"])  # bitwise
+    for wd in b["workdir"]:
+        valid = [json.loads(x)["step"] for x in (pathlib.Path(wd) / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(x)["kind"] == "valid"]
+        assert valid == [10, 20], valid  # resumed at 10: no step evaluated twice
+
+
+@pytest.mark.integration  # lstm-lab processes
 def test_workers_populations_failures_and_report(tmp_path):
     # lr 1e38 without clipping diverges; a task that is not registered raises when the trial starts (a valid
     # config: the study accepts it): each is recorded, the sweep goes on; the two learning rates of one
@@ -220,7 +242,7 @@ def test_workers_populations_failures_and_report(tmp_path):
     st = sweep.status(sd)
     assert (st["planned"], st["complete"], st["failed"], st["diverged"], st["done"]) == (8, 2, 6, 2, 8)
     assert st["variants"]["nfg"] == {**st["variants"]["nfg"], "planned": 4, "complete": 1, "failed": 3, "diverged": 1}
-    assert "(diverged)" in runner.format_status(st)
+    assert "(diverged)" in format_status(st)
 
 
 @pytest.mark.integration  # end to end: whole runs or sweeps
@@ -236,7 +258,7 @@ def test_tpe_search_in_process_and_dataframe(tmp_path):
     assert df["optim.learning_rate"].between(1e-2, 1e-1).all() and df["optim.momentum"].between(0, 0.95).all()
     assert set(df["model.hidden_size"]) <= {4, 8}
     assert (df["value"] == df["test.loss"]).all()
-    ostudy = runner.open_study(tmp_path / "st")
+    ostudy = db.open_study(tmp_path / "st")
     t = ostudy.trials[0]
     assert set(t.params) == {"variant", "optim.learning_rate", "model.hidden_size", "1-optim.momentum"}
     assert list(t.intermediate_values) == [5, 10]  # the validation curve
@@ -248,7 +270,7 @@ def test_database_retries_transient_errors_only(monkeypatch):
     import optuna
     import sqlalchemy.exc as se
 
-    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    monkeypatch.setattr(db.time, "sleep", lambda s: None)
     lost = se.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
     calls, logs = [], []
 
@@ -258,7 +280,7 @@ def test_database_retries_transient_errors_only(monkeypatch):
             raise optuna.exceptions.StorageInternalError("x") from lost
         return "ok"
 
-    assert runner._retrying(flaky, "testing", logs.append) == "ok" and len(calls) == 3
+    assert db.retrying(flaky, "testing", logs.append) == "ok" and len(calls) == 3
     assert "database unreachable while testing (server closed the connection unexpectedly)" in logs[0]
     assert logs[-1] == "database reachable again (testing)"
 
@@ -266,13 +288,64 @@ def test_database_retries_transient_errors_only(monkeypatch):
         raise optuna.exceptions.StorageInternalError("x") from se.IntegrityError("INSERT", {}, Exception("dup"))
 
     with pytest.raises(optuna.exceptions.StorageInternalError):  # not retried: not a connection problem
-        runner._retrying(bad_statement, "testing", logs.append)
+        db.retrying(bad_statement, "testing", logs.append)
 
     monkeypatch.setenv("LSTM_LAB_DB_RETRY_SECONDS", "0.01")
     t = iter(range(1000))
-    monkeypatch.setattr(runner.time, "monotonic", lambda: float(next(t)))
-    with pytest.raises(runner.StorageError, match="stayed unreachable for 0 s while testing"):
-        runner._retrying(lambda: (_ for _ in ()).throw(lost), "testing", logs.append)
+    monkeypatch.setattr(db.time, "monotonic", lambda: float(next(t)))
+    with pytest.raises(db.StorageError, match="stayed unreachable for 0 s while testing"):
+        db.retrying(lambda: (_ for _ in ()).throw(lost), "testing", logs.append)
     monkeypatch.setenv("LSTM_LAB_DB_RETRY_SECONDS", "soon")
     with pytest.raises(StudyError, match="LSTM_LAB_DB_RETRY_SECONDS='soon'"):
-        runner._retrying(flaky, "testing", logs.append)
+        db.retrying(flaky, "testing", logs.append)
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def test_data_flows_from_training_to_sweep_to_analysis():
+    pkg = ROOT / "lstm_lab"
+    for path in sorted((pkg / "sweep").rglob("*.py")):
+        assert not {m for m in _imports(path) if m.startswith("lstm_lab.analysis")}, path
+    for path in sorted((pkg / "training").rglob("*.py")):
+        assert not {m for m in _imports(path) if m.startswith("lstm_lab.sweep")}, path
+
+
+@pytest.mark.integration  # a fresh interpreter
+def test_sweep_and_analysis_imports_stay_light():
+    code = ("import sys, lstm_lab.sweep, lstm_lab.sweep.worker, lstm_lab.sweep.results\n"
+            "heavy = [m for m in ('optuna', 'pandas', 'matplotlib', 'scipy', 'sqlalchemy', 'lstm_lab.analysis') "
+            "if m in sys.modules]\nassert not heavy, heavy\n"
+            "import lstm_lab.analysis.report\n"
+            "assert not [m for m in ('optuna', 'pandas', 'matplotlib', 'scipy') if m in sys.modules]\n"
+            "from lstm_lab.sweep import *\n"
+            "try:\n    lstm_lab.sweep.report\n"
+            "except AttributeError as e:\n    assert 'lstm_lab.analysis.report' in str(e)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("population", [1, 2])
+def test_worker_builds_each_trial_config_once(tmp_path, monkeypatch, population):
+    from lstm_lab import training
+    from lstm_lab.sweep.worker import run_worker
+
+    study = sweep.load_study(write_study(tmp_path / "s.py", trials_per_variant=3))
+    prepare_study(study, tmp_path / "st", log=lambda m: None)
+    done = {"status": "complete", "valid": {"loss": 1.0}, "test": {"loss": 1.0}, "steps": 20, "wall_seconds": 0.1}
+    monkeypatch.setattr(training, "train", lambda cfg, wd, **kw: dict(done))
+    monkeypatch.setattr(training, "train_population", lambda cfgs, wds, **kw: [dict(done) for _ in cfgs])
+    built, real = [], Study.config_for
+    monkeypatch.setattr(Study, "config_for",
+                        lambda self, v, hyper, seed: built.append((v, seed)) or real(self, v, hyper, seed))
+    counts = run_worker(study, tmp_path / "st", population=population, progress=False, log=lambda m: None)
+    assert counts == {"complete": 6}
+    assert sorted(built) == sorted((p["variant"], p["seed"]) for p in study.plan()), built  # once each, seeded

@@ -22,25 +22,36 @@ search fix every hyperparameter in the plan (drawn from ``sampler_seed``, so a
 study's trials do not depend on how many workers ran it or in which order);
 ``tpe`` and ``qmc`` leave them to Optuna's sampler, asked when the trial
 starts.
+
+:func:`prepare_study` plans a study into its directory and database, once however many processes start
+together (see :mod:`lstm_lab.sweep.storage` for the study directory's files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
-import math
+import os
 import pathlib
+import shutil
+import time
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from lstm_lab._hints import did_you_mean, error_message
+from lstm_lab._io import FileLock, atomic_json
+from lstm_lab.sweep import storage as db
+from lstm_lab.sweep.space import (ODYSSEY_SPACE, ODYSSEY_SPACE_POPULATION, Choice, IntLogUniform, IntUniform,
+                                  LogUniform, OneMinusLogUniform, StudyError, Uniform, _Dist, dist_from_description)
 
 __all__ = ["Study", "LogUniform", "Uniform", "OneMinusLogUniform", "IntLogUniform", "IntUniform", "Choice",
-           "ODYSSEY_VARIANTS", "ODYSSEY_SPACE", "ODYSSEY_SPACE_POPULATION", "ODYSSEY_BASE", "load_study", "StudyError", "SEARCHES"]
+           "ODYSSEY_VARIANTS", "ODYSSEY_SPACE", "ODYSSEY_SPACE_POPULATION", "ODYSSEY_BASE", "load_study", "StudyError",
+           "SEARCHES", "prepare_study", "attach_study", "PLAN_LOCK", "PLAN_ATTR"]
 
 SEARCHES = ("random", "grid", "tpe", "qmc")
 ODYSSEY_VARIANTS = ("vanilla", "nig", "nfg", "nog", "niaf", "noaf", "np", "cifg", "fgr")
@@ -49,209 +60,8 @@ ODYSSEY_VARIANTS = ("vanilla", "nig", "nfg", "nog", "niaf", "noaf", "np", "cifg"
 _LOADING: list[str] = []  # the study file being executed (relative ``base`` paths resolve against it)
 
 
-class StudyError(ValueError):
-    """A study definition that cannot be run (names the bad field)."""
-
-
-# ---------------------------------------------------------------------------
-# Distributions
-# ---------------------------------------------------------------------------
-class _Dist:
-    kind = ""
-
-    def check(self, key: str) -> None:
-        if not self.low < self.high:
-            raise StudyError(f"study space {key!r}: {type(self).__name__} needs low < high; "
-                             f"got low={self.low!r}, high={self.high!r}.")
-
-    def optuna_name(self, key: str) -> str:
-        return key
-
-    def to_actual(self, x):
-        return x
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "low": getattr(self, "low", None), "high": getattr(self, "high", None),
-                "choices": list(getattr(self, "values", ())) or None}
-
-    def extremes(self) -> list:
-        """The actual config values a study must accept: both ends of the range (every Choice value)."""
-        return [self.to_actual(self.low), self.to_actual(self.high)]
-
-    def suggest(self, trial, key: str):
-        """Ask an Optuna trial for this parameter (a planned value is returned as is); the actual value."""
-        import optuna
-
-        return self.to_actual(trial._suggest(self.optuna_name(key), self.to_optuna(optuna)))
-
-
-@dataclasses.dataclass(frozen=True)
-class LogUniform(_Dist):
-    """``exp(U(log low, log high))`` — learning rates."""
-    low: float
-    high: float
-    kind = "log_uniform"
-
-    def check(self, key):
-        super().check(key)
-        if self.low <= 0:
-            raise StudyError(f"study space {key!r}: LogUniform needs low > 0; got {self.low!r}.")
-
-    def to_optuna(self, optuna):
-        return optuna.distributions.FloatDistribution(self.low, self.high, log=True)
-
-    def sample(self, rng):
-        return float(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
-
-    def grid(self, n):
-        return [float(v) for v in np.geomspace(self.low, self.high, n)]
-
-
-@dataclasses.dataclass(frozen=True)
-class Uniform(_Dist):
-    """``U(low, high)`` — input noise."""
-    low: float
-    high: float
-    kind = "uniform"
-
-    def to_optuna(self, optuna):
-        return optuna.distributions.FloatDistribution(self.low, self.high)
-
-    def sample(self, rng):
-        return float(rng.uniform(self.low, self.high))
-
-    def grid(self, n):
-        return [float(v) for v in np.linspace(self.low, self.high, n)]
-
-
-@dataclasses.dataclass(frozen=True)
-class OneMinusLogUniform(LogUniform):
-    """``1 - x`` with ``x`` log-uniform in [low, high] — Odyssey's momentum (low=0.01, high=1: momentum in
-    [0, 0.99], dense near 0.99). Optuna stores ``x`` as the parameter ``"1-<key>"``."""
-    kind = "one_minus_log_uniform"
-
-    def check(self, key):
-        super().check(key)
-        if self.high > 1:
-            raise StudyError(f"study space {key!r}: OneMinusLogUniform needs high <= 1; got {self.high!r}.")
-
-    def optuna_name(self, key):
-        return f"1-{key}"
-
-    def to_actual(self, x):
-        return 1.0 - float(x)
-
-    def sample(self, rng):
-        return super().sample(rng)  # the optuna-space value x; the actual value is 1 - x
-
-
-@dataclasses.dataclass(frozen=True)
-class IntLogUniform(_Dist):
-    """An integer log-uniform in [low, high] — hidden sizes.
-
-    ``levels=n`` snaps each planned draw to the nearest of ``n`` log-spaced
-    integers in [low, high] (random and grid search), so that trials share
-    shapes and ``--population`` fills up; Optuna still sees the log-int range.
-    """
-    low: int
-    high: int
-    levels: int = 0
-    kind = "int_log_uniform"
-
-    def check(self, key):
-        super().check(key)
-        if self.low < 1 or int(self.low) != self.low or int(self.high) != self.high:
-            raise StudyError(f"study space {key!r}: IntLogUniform needs integers >= 1; got {self.low!r}, "
-                             f"{self.high!r}.")
-        if self.levels and not 2 <= self.levels:
-            raise StudyError(f"study space {key!r}: IntLogUniform levels must be 0 (off) or >= 2; got {self.levels!r}.")
-
-    def to_optuna(self, optuna):
-        return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=True)
-
-    def extremes(self):
-        return [int(self.low), int(self.high)]
-
-    def _grid_values(self, n):
-        return sorted({int(round(v)) for v in np.geomspace(self.low, self.high, n)})
-
-    def sample(self, rng):
-        # optuna's own rule for a log int: round a log-uniform draw on [low - 0.5, high + 0.5]
-        x = math.exp(rng.uniform(math.log(self.low - 0.5), math.log(self.high + 0.5)))
-        if self.levels:
-            vals = self._grid_values(self.levels)
-            return min(vals, key=lambda v: abs(math.log(v) - math.log(x)))
-        return int(min(max(round(x), self.low), self.high))
-
-    def grid(self, n):
-        return self._grid_values(self.levels or n)
-
-    def describe(self):
-        return {**super().describe(), **({"levels": self.levels} if self.levels else {})}
-
-
-@dataclasses.dataclass(frozen=True)
-class IntUniform(_Dist):
-    """An integer uniform in [low, high]."""
-    low: int
-    high: int
-    kind = "int_uniform"
-
-    def to_optuna(self, optuna):
-        return optuna.distributions.IntDistribution(int(self.low), int(self.high))
-
-    def extremes(self):
-        return [int(self.low), int(self.high)]
-
-    def sample(self, rng):
-        return int(rng.integers(self.low, self.high + 1))
-
-    def grid(self, n):
-        return sorted({int(round(v)) for v in np.linspace(self.low, self.high, n)})
-
-
-@dataclasses.dataclass(frozen=True)
-class Choice(_Dist):
-    """One of ``values`` — e.g. hidden sizes on a grid, so that population groups fill up."""
-    values: tuple
-    kind = "choice"
-
-    def __init__(self, *values):
-        if len(values) == 1 and isinstance(values[0], (list, tuple)):
-            values = tuple(values[0])
-        object.__setattr__(self, "values", tuple(values))
-
-    def check(self, key):
-        if len(self.values) < 1 or len(set(self.values)) != len(self.values):
-            raise StudyError(f"study space {key!r}: Choice needs distinct values; got {list(self.values)!r}.")
-
-    def to_optuna(self, optuna):
-        return optuna.distributions.CategoricalDistribution(self.values)
-
-    def extremes(self):
-        return [v.item() if hasattr(v, "item") else v for v in self.values]
-
-    def sample(self, rng):
-        v = self.values[int(rng.integers(len(self.values)))]
-        return v.item() if hasattr(v, "item") else v
-
-    def grid(self, n):
-        return list(self.values)
-
-
-_DISTS = {c.kind: c for c in (LogUniform, Uniform, OneMinusLogUniform, IntLogUniform, IntUniform, Choice)}
-
-# The Odyssey protocol (REFERENCES.md): SGD with Nesterov momentum and these four ranges.
-ODYSSEY_SPACE = {
-    "optim.learning_rate": LogUniform(1e-6, 1e-2),
-    "model.hidden_size": IntLogUniform(20, 200),
-    "optim.momentum": OneMinusLogUniform(0.01, 1.0),
-    "model.input_noise": Uniform(0.0, 1.0),
-}
+# The Odyssey protocol (REFERENCES.md): SGD with Nesterov momentum over ODYSSEY_SPACE's four ranges.
 ODYSSEY_BASE = {"optim.name": "sgd", "optim.nesterov": True}
-# The same ranges with hidden sizes snapped to 8 log-spaced sizes (20, 28, 39, 54, 75, 104, 144, 200), so that
-# `--population K` trains K trials at a time.
-ODYSSEY_SPACE_POPULATION = {**ODYSSEY_SPACE, "model.hidden_size": IntLogUniform(20, 200, levels=8)}
 
 
 # ---------------------------------------------------------------------------
@@ -486,6 +296,12 @@ class Study:
                                 "params": params})
         return out
 
+    def ask(self, trial) -> tuple[str, dict]:
+        """A popped Optuna trial's variant and hyperparameters (actual values), through ``trial.suggest_*``:
+        the planned values of random and grid search, the sampler's for tpe and qmc."""
+        variant = trial.suggest_categorical("variant", self.variant_names)
+        return variant, {key: dist.suggest(trial, key) for key, dist in sorted(self.space.items())}
+
     def hyper_from_params(self, params: dict) -> dict:
         """Dotted config overrides from Optuna parameter values (1 - x for OneMinusLogUniform)."""
         return {k: d.to_actual(params[d.optuna_name(k)]) for k, d in self.space.items()
@@ -527,9 +343,196 @@ def load_study(path) -> Study:
     return study
 
 
-def dist_from_description(d: dict) -> _Dist:
-    """Rebuild a distribution from :meth:`Study.describe_params` (for loading a stored study)."""
-    cls = _DISTS[d["kind"]]
-    if cls is Choice:
-        return cls(*d["choices"])
-    return cls(d["low"], d["high"], d["levels"]) if d.get("levels") else cls(d["low"], d["high"])
+# ---------------------------------------------------------------------------
+# Planning: once, atomically
+# ---------------------------------------------------------------------------
+PLAN_LOCK = ".plan.lock"  # in the study directory: flock-ed while a process plans the study
+PLAN_ATTR = "lstm_lab_planned"  # study user attr: the digest of the planned slots, set once they are all enqueued
+
+
+class _FileLock(FileLock):
+    """The planning lock (:class:`~lstm_lab._io.FileLock`, waiting, saying once that it waits). A study directory
+    moved aside by ``--force`` takes its lock file along: the new directory's file is then locked."""
+
+    def __init__(self, path, *, log: Callable[[str], None] | None = None, what: str = ""):
+        on_wait = (lambda: log(f"waiting for another process planning {what or pathlib.Path(path).parent}")) \
+            if log is not None else None
+        super().__init__(path, wait=True, on_wait=on_wait)
+
+    def move_dir_aside(self, aside) -> None:
+        """Move the locked directory to ``aside`` and hold the lock of a fresh one at the old path (the old
+        lock is released only then: a process waiting on it finds the new directory's lock held)."""
+        old, self.fd = self.fd, None
+        shutil.move(str(self.path.parent), str(aside))
+        self.acquire()
+        if old is not None:
+            os.close(old)
+
+
+@contextlib.contextmanager
+def _db_plan_lock(rdb, name: str, study_dir: pathlib.Path, log: Callable[[str], None]):
+    """Held while a study is planned, on the database side: planners that share a database but not a study
+    directory (PostgreSQL/MySQL from several machines, or one SQLite file from several study directories)
+    plan one at a time. PostgreSQL: an advisory lock; MySQL: ``GET_LOCK``; SQLite outside the study
+    directory: a lock file beside the database. Other databases get no lock: there the plan marker and the
+    slots, read again right before enqueueing, narrow the race to the moment between that read and the
+    enqueueing (two planners started within it could enqueue a slot twice; a slot's latest trial then
+    counts, the other stays WAITING and is run once more)."""
+    import sqlalchemy as sa
+
+    backend = rdb.engine.url.get_backend_name()
+    key = int.from_bytes(hashlib.sha256(f"lstm_lab plan {name}".encode()).digest()[:8], "big", signed=True)
+    if backend == "postgresql":
+        with rdb.engine.connect() as conn:
+            if not conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+                log(f"waiting for another process planning study {name!r} (a lock in the database)")
+                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                try:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+                except Exception:  # noqa: BLE001 - a lost connection released its locks
+                    conn.invalidate()
+        return
+    if backend in ("mysql", "mariadb"):
+        lock_name = f"lstm_lab_plan_{key & 0xFFFFFFFFFFFF:x}"
+        with rdb.engine.connect() as conn:
+            conn.execute(sa.text("SELECT GET_LOCK(:n, 3600)"), {"n": lock_name})
+            try:
+                yield
+            finally:
+                try:
+                    conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": lock_name})
+                except Exception:  # noqa: BLE001
+                    conn.invalidate()
+        return
+    path = db.sqlite_path(rdb.url) if backend == "sqlite" else None
+    if path is not None and path.absolute().parent != study_dir.absolute():
+        with _FileLock(path.absolute().with_name(path.name + PLAN_LOCK), log=log, what=f"study {name!r}"):
+            yield
+        return
+    yield  # the study directory's lock covers its own study.db
+
+
+def _plan_digest(plan: list[dict]) -> str:
+    return hashlib.sha256("\n".join(sorted(p["slot"] for p in plan)).encode()).hexdigest()[:16]
+
+
+def prepare_study(study: Study, study_dir, *, storage: str | None = None, force: bool = False,
+                  log: Callable[[str], None] = print):
+    """Create (or reopen) the study in its directory and database; enqueue every planned trial not yet there.
+
+    Planning happens once, however many processes start at the same moment: it runs under a lock on the
+    study directory (``.plan.lock``) and one on the database side (:func:`_db_plan_lock`), and ends with
+    the plan's digest stored on the study (``lstm_lab_planned``); a planner that finds its own plan's digest
+    there enqueues nothing (a plan that grew is compared slot by slot and only the new slots are enqueued).
+
+    Refuses a directory or database that holds a different study unless ``force`` (a directory is then moved
+    aside; a database study deleted), and a study directory whose database was emptied (unless ``force``).
+    Nothing is written when the storage cannot be reached. study.json never holds a password.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    db.quiet_optuna()
+    sd = pathlib.Path(study_dir)
+    record, fp = study.record(), study.fingerprint()
+    rdb = None
+    if storage is not None:  # an explicit URL: reach it before writing anything
+        storage = db.absolute_sqlite(storage)
+        rdb = db.connect(storage)
+    with _FileLock(sd / PLAN_LOCK, log=log, what=f"study {study.name!r} in {sd}") as lock:
+        existing = sd / "study.json"
+        if existing.exists():
+            old = db.study_dir_info(sd)
+            if old.get("fingerprint") != fp:
+                diff = sorted(k for k in set(record) | set(old.get("study", {}))
+                              if json.dumps(record.get(k), sort_keys=True, default=str)
+                              != json.dumps(old.get("study", {}).get(k), sort_keys=True, default=str))
+                if not force:
+                    raise db.StudyConflictError(
+                        f"{str(sd)!r} holds study {old.get('study', {}).get('name')!r} from "
+                        f"{old.get('source')!r}, which differs in {', '.join(diff)}. Use another --dir, or --force "
+                        f"to move the old study aside.")
+                aside = sd.with_name(f"{sd.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                lock.move_dir_aside(aside)
+                log(f"moved the previous study (it differed in {', '.join(diff)}) to {aside}")
+            elif storage is None:
+                storage = old["storage"]
+                try:
+                    db.check_schema(storage)  # study.json says the study is there: never plan into an emptied database
+                except db.StorageError:
+                    if not force:
+                        raise
+                    bad = db.sqlite_path(storage)
+                    if bad is not None and bad.exists():  # --force: start over; the broken file is kept aside
+                        aside = bad.with_name(f"{bad.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+                        bad.rename(aside)
+                        log(f"moved the empty or broken database aside to {aside}")
+        url = storage or db.default_url(sd)
+        if rdb is None or storage != url:
+            rdb = db.connect(url)
+        with _db_plan_lock(rdb, study.name, sd, log):
+            ostudy = _plan(study, sd, rdb, url, record, fp, force, log)
+    return ostudy
+
+
+def _plan(study: Study, sd: pathlib.Path, rdb, url: str, record: dict, fp: str, force: bool, log):
+    import optuna
+
+    try:
+        ostudy = optuna.create_study(study_name=study.name, storage=rdb, direction=study.direction,
+                                     sampler=study.sampler(), load_if_exists=True)
+    except optuna.exceptions.StorageInternalError as e:
+        raise db.StorageError(f"storage {db.masked_url(url)!r}: {db.first_line(e.__cause__ or e)}") from None
+    stored = ostudy.user_attrs.get("lstm_lab_fingerprint")
+    if stored is not None and stored != fp:
+        if not force:
+            raise db.StudyConflictError(f"storage {db.masked_url(url)!r} already has a study named {study.name!r} "
+                                        f"from a different study file (fingerprint {stored} != {fp}). Rename the "
+                                        f"study or use --force.")
+        optuna.delete_study(study_name=study.name, storage=rdb)
+        ostudy = optuna.create_study(study_name=study.name, storage=rdb, direction=study.direction,
+                                     sampler=study.sampler())
+        stored = None
+    if stored is None:
+        ostudy.set_user_attr("lstm_lab_source", study.source)  # for information only: never read back as code
+        ostudy.set_user_attr("lstm_lab_population", study.population)
+        ostudy.set_user_attr("lstm_lab_fingerprint", fp)
+        ostudy.set_user_attr("lstm_lab_study", json.loads(json.dumps(record, default=str)))
+        ostudy.set_user_attr("lstm_lab_params", study.describe_params())
+    atomic_json(sd / "study.json", {"format": db.STUDY_JSON_FORMAT, "fingerprint": fp,
+                                    "storage": db.url_for_disk(url, sd), "source": study.source,
+                                    "population": study.population, "study": record,
+                                    "params": study.describe_params()})
+    plan = study.plan()
+    digest = _plan_digest(plan)
+    if ostudy.user_attrs.get(PLAN_ATTR) == digest:
+        return ostudy  # planned already (by this command earlier, or by another process a moment ago)
+    have = {t.user_attrs.get("slot") for t in ostudy.get_trials(deepcopy=False)}  # read again, under the locks
+    todo = [p for p in plan if p["slot"] not in have]
+    for p in todo:
+        ostudy.enqueue_trial(p["params"], user_attrs={"slot": p["slot"], "variant": p["variant"],
+                                                      "seed": p["seed"], "index": p["index"]})
+    ostudy.set_user_attr(PLAN_ATTR, digest)
+    if todo:
+        log(f"study {study.name!r}: planned {len(todo)} trials in {db.masked_url(url)}")
+    return ostudy
+
+
+def attach_study(study: Study, study_dir, storage: str, log: Callable[[str], None] = print) -> None:
+    """A worker joining a study that ``lstm-lab sweep`` planned in ``storage`` from another machine:
+    check the stored study is this one and write the local ``study.json`` (without the password).
+    Plans nothing."""
+    info = db.info_from_db(study.name, storage)
+    if info["fingerprint"] != study.fingerprint():
+        raise db.StudyConflictError(f"storage {db.masked_url(storage)!r}: study {study.name!r} was planned from a "
+                                    f"different study file ({info.get('source')}); this worker's {study.source} "
+                                    f"differs. Workers must run the same study file.")
+    sd = pathlib.Path(study_dir)
+    sd.mkdir(parents=True, exist_ok=True)
+    atomic_json(sd / "study.json", {**info, "format": db.STUDY_JSON_FORMAT, "storage": db.url_for_disk(storage, sd)})
+    log(f"joined study {study.name!r} in {db.masked_url(storage)}")
