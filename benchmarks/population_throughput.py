@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from lstm_lab.config import Config, apply_overrides
-from lstm_lab.population import train_population
+from lstm_lab.training import train_population
 from lstm_lab.training import train
 
 

@@ -28,8 +28,8 @@ from lstm_lab.recurrent import RNN, RecurrentCell, gate_trace
 __version__ = "0.1.0"
 
 # submodules reachable as attributes, imported on first use (PEP 562)
-_LAZY = ("cells", "recurrent", "config", "models", "tasks", "data", "training", "population", "interop", "sweep",
-         "distributed", "kernels", "demo", "cli")
+_LAZY = ("cells", "recurrent", "config", "models", "tasks", "data", "training", "interop", "sweep",
+         "analysis", "distributed", "kernels", "cli")
 
 
 def __getattr__(name: str):

@@ -129,7 +129,10 @@ def _train(args, parser) -> int:
         elif args.coordinator or args.num_processes is not None or args.process_id is not None:
             parser.error("--coordinator/--num-processes/--process-id need --distributed")
         cfg = load_config(args.config, overrides)
-        summary = train(cfg, workdir, force=args.force, resume=args.resume or None, quiet=args.quiet)
+        from lstm_lab._debug import callbacks_from_env
+
+        summary = train(cfg, workdir, force=args.force, resume=args.resume or None, quiet=args.quiet,
+                        callbacks=callbacks_from_env())
     except KeyboardInterrupt as e:  # training.TrainingInterrupted says where it stopped and how to resume
         msg = str(e) if e.args else "interrupted; run the same command to resume"
         print(f"lstm-lab train: {msg}", file=sys.stderr)
@@ -151,20 +154,22 @@ def _study_cmd(args) -> int:
     import pathlib
 
     from lstm_lab import sweep
-    from lstm_lab.sweep.runner import StorageError, StudyConflictError
+    from lstm_lab.sweep.storage import StorageError, StudyConflictError
 
     name = f"lstm-lab {args.command}"
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     try:
         if args.command == "worker":
-            from lstm_lab.sweep.runner import run_worker
+            from lstm_lab.sweep.worker import run_worker
 
             study, study_dir = sweep.worker_study(args.study, args.dir, args.storage)
             run_worker(study, study_dir, storage=args.storage, population=args.population or study.population,
                        log=log, wait=not args.no_wait, progress=not args.child)
             return 0
         if args.command == "sweep":
-            from lstm_lab.sweep.runner import format_status, prepare_study, study_status
+            from lstm_lab.analysis.report import report, report_is_current
+            from lstm_lab.sweep.results import format_status, study_status
+            from lstm_lab.sweep.study import prepare_study
 
             study = sweep.load_study(args.study)
             study_dir = pathlib.Path(args.dir) if args.dir else sweep.default_dir(study)
@@ -176,20 +181,22 @@ def _study_cmd(args) -> int:
                            storage=args.storage, force=args.force, log=log)
             print(format_status(st))
             if not args.no_report and st["complete"]:
-                if args.report or not sweep.report_is_current(study_dir, storage=args.storage):
-                    path = sweep.report(study_dir, storage=args.storage)
+                if args.report or not report_is_current(study_dir, storage=args.storage):
+                    path = report(study_dir, storage=args.storage)
                     print(f"report: {path} (and {path.with_suffix('.html')})")
                 else:
                     print(f"report: {study_dir / 'report' / 'report.md'} is up to date (no trial changed since it "
                           f"was written; --report writes it again)")
             return 0 if st["waiting"] == 0 and st["running"] == 0 and st["dead"] == 0 else 1
         if args.command == "status":
-            from lstm_lab.sweep.runner import format_status
+            from lstm_lab.sweep.results import format_status
 
             st = sweep.status(args.study_dir, storage=args.storage)
             print(json.dumps(st, indent=2, default=str) if args.json else format_status(st, failed=args.failed))
             return 0
-        path = sweep.report(args.study_dir, args.out, storage=args.storage)
+        from lstm_lab.analysis.report import report
+
+        path = report(args.study_dir, args.out, storage=args.storage)
         print(f"report: {path} (and {path.with_suffix('.html')})")
         return 0
     except KeyboardInterrupt:
@@ -204,17 +211,53 @@ def _study_cmd(args) -> int:
         return 2
 
 
+def _demo(args, parser) -> int:
+    """``lstm-lab train experiments/demo.py`` with the flags as overrides, then one line against the baseline."""
+    import pathlib
+    import tempfile
+    import time
+
+    import lstm_lab
+    from lstm_lab.cells import resolve_cell
+    from lstm_lab.config import load_config
+    from lstm_lab.training import train
+
+    try:
+        resolve_cell(args.cell)
+    except ValueError as e:
+        parser.error(str(e))
+    path = pathlib.Path(lstm_lab.__file__).resolve().parents[1] / "experiments" / "demo.py"
+    if not path.exists():
+        parser.error(f"the demo is the experiment file {path}, which only a source checkout has "
+                     f"(git clone, then pip install -e .)")
+    cfg = load_config(path, {"model.cell": args.cell, "train.steps": args.steps, "task.options": {"T": args.length},
+                             "model.hidden_size": args.hidden_size, "optim.learning_rate": args.learning_rate,
+                             "train.seed": args.seed})
+    print(f"adding problem, T={args.length}: {args.cell} with {args.hidden_size} units, Adam lr={args.learning_rate}, "
+          f"batch {cfg.train.batch_size} ({path.name}); predicting 1.0 scores MSE {1 / 6:.3f}", file=sys.stderr)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lstm_lab_demo_") as tmp:
+        s = train(cfg, args.workdir or tmp, log=lambda m: print(m, file=sys.stderr))
+    valid, base = s["valid"]["mse"], s["baseline"]["mse"]
+    verdict = "learned the task" if valid < 0.1 * base else ("beats the baseline" if valid < base else
+                                                             "does not beat the baseline yet (more --steps)")
+    print(f"done: validation MSE {valid:.4f} = {100 * valid / base:.1f}% of the baseline {base:.3f} "
+          f"(always predicting 1.0) after {s['steps']} steps in {time.perf_counter() - start:.1f}s: {verdict}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lstm-lab", description="LSTM-family cells, experiments and studies.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("variants", help="list every cell preset: family, flags, parameters at in = hidden = 128")
-    demo = sub.add_parser("demo", help="train a small LSTM on the adding problem (CPU, about 10 s)")
+    demo = sub.add_parser("demo", help="train experiments/demo.py: a small LSTM on the adding problem (CPU, 10 s)")
     demo.add_argument("--cell", default="lstm", help="preset name (see `lstm-lab variants`)")
     demo.add_argument("--steps", type=_count, default=400)
     demo.add_argument("--length", type=_count, default=30, help="sequence length T")
     demo.add_argument("--hidden-size", type=_count, default=32)
     demo.add_argument("--learning-rate", type=_positive_float, default=1e-2)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--workdir", help="keep the run here (default: a temporary directory)")
     data = sub.add_parser("data", help="describe a task's data: split sizes, vocabulary, baseline, a sample batch",
                           epilog="Task options follow as --name value, e.g. "
                                  "lstm-lab data char_lm --path ../shared/data/tinyshakespeare.txt --seq-len 64")
@@ -303,15 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "variants":
         print(_variants_table())
     elif args.command == "demo":
-        from lstm_lab.cells import resolve_cell
-        from lstm_lab.demo import run_demo
-
-        try:
-            resolve_cell(args.cell)
-        except ValueError as e:
-            parser.error(str(e))
-        run_demo(args.cell, steps=args.steps, length=args.length, hidden_size=args.hidden_size,
-                 learning_rate=args.learning_rate, seed=args.seed)
+        return _demo(args, parser)
     return 0
 
 

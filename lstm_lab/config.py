@@ -214,7 +214,7 @@ ALIASES = {"lr": "optim.learning_rate", "learningrate": "optim.learning_rate", "
            "noise": "model.input_noise", "precision": "model.dtype", "task": "task.name"}
 
 
-def _suggest_key(key: str, keys: list[str]) -> str:
+def _hint_for_key(key: str, keys: list[str]) -> str:
     """Did-you-mean for an unknown dotted key: a close key of the same section, then the same field name in
     another section (``train.learning_rate`` -> ``optim.learning_rate``), then a known alias (``train.lr``)."""
     section, _, field = key.rpartition(".")
@@ -303,7 +303,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
             changes["task"]["options"] = opts
             continue
         if len(parts) != 2 or parts[0] not in sections or parts[1] not in _fields(type(sections[parts[0]])):
-            raise KeyError(f"config: unknown key {key!r}.{_suggest_key(str(key), flat_keys(cfg))}")
+            raise KeyError(f"config: unknown key {key!r}.{_hint_for_key(str(key), flat_keys(cfg))}")
         changes[parts[0]][parts[1]] = value
     # each section is rebuilt once with all its changes: rules that relate two fields (model.tie_weights and
     # model.embed_dim, model.impl and model.cell) see the final values, whatever the order of the overrides.

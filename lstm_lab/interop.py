@@ -133,8 +133,8 @@ def to_torch(layer: RNN):
     try:
         import torch
     except ImportError:
-        raise ImportError("to_torch needs PyTorch, which is not a dependency of lstm_lab: "
-                          "pip install -e '.[bench]' (the CPU build) or any torch.") from None
+        raise ImportError("to_torch needs PyTorch, which is not a dependency of lstm_lab: pip install -e '.[bench]' "
+                          "-c benchmarks/constraints.txt (the CPU build) or any torch.") from None
     module = getattr(torch.nn, kind)(layer.in_features, layer.hidden_size, num_layers=layer.num_layers,
                  bidirectional=layer.bidirectional, batch_first=not layer.time_major,
                  dropout=layer.dropout_rate)

@@ -3,7 +3,7 @@
 The suite checks ``lstm_lab.interop.from_torch_state`` against this file, so
 it needs no torch; when torch is importable it also compares live.
 
-Usage: ``pip install -e '.[bench]' && python scripts/make_torch_fixture.py``
+Usage: ``pip install -e '.[bench]' -c benchmarks/constraints.txt && python scripts/make_torch_fixture.py``
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -9,7 +10,6 @@ import pytest
 
 from lstm_lab import VARIANTS
 from lstm_lab.cli import main
-from lstm_lab.demo import run_demo
 
 
 def test_variants_lists_the_fourteen_presets(capsys):
@@ -31,16 +31,20 @@ def test_unknown_command_and_bad_cell_fail_clearly(capsys):
 
 
 @pytest.mark.integration  # end to end: whole runs or sweeps
-def test_demo_loss_falls():
-    logs = []
-    history = run_demo("lstm", steps=300, length=20, hidden_size=32, log_every=50, print_fn=logs.append)
-    assert len(history) == 6 and len(logs) == 8
-    first, last = history[0][1], history[-1][1]
-    assert first > 0.1 and last < 0.25 * first, history
-    # the closing line: the validation MSE against the baseline 1/6
-    assert logs[-1].startswith("done: validation MSE ") and "of the baseline 0.167" in logs[-1], logs[-1]
-    valid = float(logs[-1].split()[3])
-    assert valid < 0.5 / 6 and ("learned the task" in logs[-1] or "beats the baseline" in logs[-1])
+def test_demo_trains_experiments_demo_py_and_the_loss_falls(tmp_path, capsys):
+    assert main(["demo", "--steps", "300", "--length", "20", "--workdir", str(tmp_path / "demo")]) == 0
+    out, err = capsys.readouterr()
+    closing = out.strip().splitlines()[-1]  # the validation MSE against the baseline 1/6
+    assert closing.startswith("done: validation MSE ") and "of the baseline 0.167" in closing, closing
+    valid = float(closing.split()[3])
+    assert valid < 0.5 / 6 and ("learned the task" in closing or "beats the baseline" in closing)
+    assert "demo.py" in err and "step 300/300: valid" in err
+    # a run like any other: the experiment file's config, with the flags as overrides
+    run = json.loads((tmp_path / "demo" / "config.json").read_text())["config"]
+    assert run["train"]["steps"] == 300 and run["task"]["options"]["T"] == 20 and run["model"]["hidden_size"] == 32
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"]
+    assert len(losses) == 6 and losses[0] > 0.1 and losses[-1] < 0.25 * losses[0], losses
 
 
 def test_preset_descriptions_state_only_flags_the_preset_has():

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from lstm_lab import config as cfglib
-from lstm_lab.training import (DEBUG_INTERRUPT_ENV, CheckpointCorruptError, RunConflictError, WorkdirBusyError,
+from lstm_lab._debug import SIGINT_AT_STEP as DEBUG_INTERRUPT_ENV
+from lstm_lab.training import (CheckpointCorruptError, RunConflictError, WorkdirBusyError,
                                WorkdirLock, WorkdirNotWritableError, sample, train)
 
 from test_training import corpus, tiny_copy, tiny_lm  # noqa: F401 - fixture
@@ -47,8 +48,10 @@ def _flip_array_bytes(step_dir: pathlib.Path) -> list[str]:
     import orbax.checkpoint as ocp
 
     state = (step_dir / "state").absolute()
+    from lstm_lab.training.checkpoints import named_arrays
+
     ck = ocp.StandardCheckpointer()
-    arrays = {k: np.asarray(v) for k, v in ck.restore(state).items()}
+    arrays = {k: np.asarray(v) for k, v in named_arrays(ck.restore(state)).items()}
     data_files = [f for f in state.rglob("*") if f.is_file() and f.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"]
     for f in sorted(data_files, key=lambda f: -f.stat().st_size):
         original = f.read_bytes()
@@ -57,7 +60,7 @@ def _flip_array_bytes(step_dir: pathlib.Path) -> list[str]:
             data[int(at)] ^= 0x10
             f.write_bytes(bytes(data))
             try:
-                after = ck.restore(state)
+                after = named_arrays(ck.restore(state))
                 changed = [k for k in arrays if not np.array_equal(np.asarray(after[k]), arrays[k])]
             except Exception:  # noqa: BLE001 - a decoding error: not the silent kind
                 changed = []
@@ -142,18 +145,41 @@ def test_no_intact_checkpoint_is_one_error_and_force_starts_over(tmp_path, corpu
 
 
 @pytest.mark.integration  # end to end: whole runs or sweeps
-def test_checkpoints_without_checksums_still_restore(tmp_path, corpus, reference):  # noqa: F811
-    """Checkpoints of the previous format (no checksums in the metadata) are restored unverified, with a note."""
+def test_checkpoints_of_the_positional_format_are_refused_in_one_line(tmp_path, corpus, reference):  # noqa: F811
+    """Checkpoints of the previous format (arrays keyed by position: a renamed or reordered parameter would restore
+    into the wrong slot) are not restored: each is named in one line, and --force starts the run over."""
     wd = tmp_path / "run"
     _cut_off(_lm(corpus), wd)
     for meta_file in (wd / "checkpoints").glob("*/*/meta/metadata"):
         meta = json.loads(meta_file.read_text())
-        del meta["checksums"]
+        meta["format"] = 1
         meta_file.write_text(json.dumps(meta))
     messages = []
-    s = train(_lm(corpus), wd, quiet=True, log=messages.append)
-    assert any(m.startswith("note: the last checkpoint at step 30 has no checksums") for m in messages), messages
-    assert f"resuming {wd} from step 30" in messages and s["test"] == reference[0]["test"]
+    with pytest.raises(CheckpointCorruptError, match="no intact checkpoint to resume from"):
+        train(_lm(corpus), wd, quiet=True, log=messages.append)
+    assert any("last checkpoint at step 30 is corrupt (an older lstm_lab wrote it (checkpoint format 1: arrays "
+               "by position" in m for m in messages), messages
+    s = train(_lm(corpus), wd, quiet=True, force=True, log=lambda m: None)
+    assert s["test"] == reference[0]["test"]
+
+
+def test_checkpoints_restore_by_name_and_a_renamed_array_is_an_error(tmp_path):
+    from lstm_lab.training.checkpoints import Checkpoints, named_arrays
+
+    a, b = np.arange(6.0).reshape(2, 3), -np.arange(6.0).reshape(2, 3) - 1
+    ck = Checkpoints(tmp_path, 2, print)
+    ck.save("last", 1, {"params": {"W_i": a, "W_o": b}}, {"step": 1})
+    got, meta, which, step = ck.restore_newest({"params": {"W_i": np.zeros((2, 3)), "W_o": np.zeros((2, 3))}})
+    assert np.array_equal(got["params"]["W_i"], a) and np.array_equal(got["params"]["W_o"], b)
+    # a later version renamed W_o to Z_o (which now sorts after W_i's replacement A_i): by position, the two
+    # same-shaped arrays would swap silently; by name, the restore refuses and says which names differ
+    messages = []
+    ck.log = messages.append
+    target = {"params": {"A_i": np.zeros((2, 3)), "Z_o": np.zeros((2, 3))}}
+    assert ck.restore_newest(target) is None
+    assert "the model has params/A_i, params/Z_o; the checkpoint has params/W_i, params/W_o" in messages[0], messages
+    assert list(named_arrays({"x": (a, {"k": b})})) == ["x/0", "x/1/k"]
+    ck.close()
 
 
 # ---------------------------------------------------------------------------
@@ -173,7 +199,7 @@ def test_a_locked_workdir_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_population_members_are_locked(tmp_path):
-    from lstm_lab.population import train_population
+    from lstm_lab.training import train_population
 
     cfgs = [tiny_copy(**{"train.seed": i}) for i in range(2)]
     wds = [tmp_path / "a", tmp_path / "b"]

@@ -17,7 +17,7 @@ from flax import nnx
 from lstm_lab import config as cfglib
 from lstm_lab.config import Config, ModelConfig, OptimConfig, apply_overrides, load_config
 from lstm_lab.models import SequenceModel
-from lstm_lab.training import DEBUG_KILL_ENV, RunConflictError, build_optimizer, sample, train
+from lstm_lab.training import RunConflictError, build_optimizer, sample, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -226,7 +226,11 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, corpus):
     exp.write_text(f"overrides = {cfglib.to_overrides(cfg)!r}\n")
     straight = _cli_train(exp, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
-    killed = _cli_train(exp, tmp_path / "killed", {DEBUG_KILL_ENV: "17"})
+    # the kill: a train() call in a child process with a callback that SIGKILLs it after step 17
+    code = (f"import signal; from lstm_lab.config import load_config; from lstm_lab.training import signal_at, train; "
+            f"train(load_config({str(exp)!r}), {str(tmp_path / 'killed')!r}, quiet=True, "
+            f"callbacks=[signal_at(17, signal.SIGKILL)])")
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     assert not (tmp_path / "killed" / "summary.json").exists()
     resumed = _cli_train(exp, tmp_path / "killed")
@@ -290,7 +294,7 @@ def test_four_device_data_parallel_matches_one_device(tmp_path, corpus):
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():
-    from lstm_lab.training import _device_setup
+    from lstm_lab.training import device_setup as _device_setup
 
     with pytest.raises(ValueError, match="train.batch_size=4 must be divisible by the 3 visible devices"):
         _device_setup(4, 6, devices=[object()] * 3)

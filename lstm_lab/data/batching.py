@@ -128,7 +128,7 @@ class prefetch:
 
     Keeps batch making off the training step's critical path. An exception in
     the producer is raised in the consumer; ``close()`` (or leaving a ``with``
-    block) stops the producer.
+    block) stops the producer and waits for its thread.
 
     >>> with prefetch(iter(range(5)), size=2) as it:
     ...     list(it)
@@ -175,8 +175,12 @@ class prefetch:
             raise item
         return item
 
-    def close(self):
+    def close(self, timeout: float = 10.0):
+        """Stop the producer and wait for its thread to end (a thread still making a batch while the interpreter
+        shuts down can abort the process from native code)."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def __enter__(self):
         return self
