@@ -233,7 +233,7 @@ def _pytest_totals(text: str) -> dict:
 
 def section_suite(tmp: pathlib.Path, m: dict, log):
     """CI as CI runs it: a clean clone of HEAD with ../shared beside it, `CI=true bash .ci/run` (a fresh virtual
-    environment, PostgreSQL). Then the quick loop, `pytest -m "not integration"`, in this checkout."""
+    environment, PostgreSQL). Then the quick loop, `pytest -n auto -m "not integration"`, in this checkout."""
     clone = tmp / "main"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     (tmp / "shared").symlink_to(ROOT.parent / "shared")
@@ -241,15 +241,15 @@ def section_suite(tmp: pathlib.Path, m: dict, log):
                             text=True).stdout.strip()
     wall, out = run(["bash", ".ci/run"], clone, log, env={**os.environ, "CI": "true"})
     full = _pytest_totals(out.stdout + out.stderr)
-    qwall, qout = run([sys.executable, "-m", "pytest", "-m", "not integration", "-p", "no:cacheprovider", "-q"],
-                      ROOT, log)
+    qwall, qout = run([sys.executable, "-m", "pytest", "-n", "auto", "-m", "not integration", "-p",
+                       "no:cacheprovider", "-q"], ROOT, log)
     quick = _pytest_totals(qout.stdout + qout.stderr)
     nums = {"commit": commit, "ci_run_seconds": round(wall, 1), "full": full, "quick": quick}
     text = (f"The suite (`git clone . /tmp/ci-check && cd /tmp/ci-check && CI=true bash .ci/run`, commit {commit}: "
             f"a fresh virtual environment, a PostgreSQL server, one pytest-xdist worker per core) on {describe(m)}: "
             f"{full['passed']} passed, {full.get('skipped', 0)} skipped (the `slow` test left out), "
             f"{minutes(full['seconds'])} of pytest, {minutes(wall)} for all of `.ci/run` with the install "
-            f"from pip's cache. The quick loop `pytest -m \"not integration\"`: {quick['passed']} passed in "
+            f"from pip's cache. The quick loop `pytest -n auto -m \"not integration\"`: {quick['passed']} passed in "
             f"{minutes(quick['seconds'])}.\n")
     return nums, text
 
