@@ -20,6 +20,7 @@ from lstm_lab._debug import SIGINT_AT_STEP as DEBUG_INTERRUPT_ENV
 from lstm_lab.training import (CheckpointCorruptError, RunConflictError, WorkdirBusyError,
                                WorkdirLock, WorkdirNotWritableError, sample, train)
 
+from test_sweep import sigint_default
 from test_training import corpus, tiny_copy, tiny_lm  # noqa: F401 - fixture
 
 CLI = [sys.executable, "-m", "lstm_lab.cli"]
@@ -321,7 +322,7 @@ def test_sigint_stops_with_one_line_and_resumes_exactly(tmp_path, corpus):  # no
 
     def run(wd, **env):
         return subprocess.run(CLI + ["train", str(exp), "--workdir", str(wd), "--quiet"], capture_output=True,
-                              text=True, env={**os.environ, **env})
+                              text=True, env={**os.environ, **env}, preexec_fn=sigint_default)
 
     straight = run(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr

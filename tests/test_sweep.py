@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import textwrap
@@ -40,10 +41,16 @@ def write_study(path: pathlib.Path, **kw) -> pathlib.Path:
     return path
 
 
+def sigint_default():
+    """A child's SIGINT as a terminal's (a CI runner may start the tests with SIGINT ignored, which children inherit
+    and Python then leaves ignored: the Ctrl-C tests would send a signal nobody hears)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args, env=None, check=True):
     e = {**os.environ, **(env or {})}
     out = subprocess.run([sys.executable, "-m", "lstm_lab.cli", *map(str, args)], capture_output=True, text=True,
-                         env=e, cwd=ROOT)
+                         env=e, cwd=ROOT, preexec_fn=sigint_default)
     if check and out.returncode != 0:
         raise AssertionError(f"lstm-lab {' '.join(map(str, args))} exited {out.returncode}\n{out.stdout}\n{out.stderr}")
     return out

@@ -17,17 +17,15 @@ import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-from typing import Callable
 
 import jax
 import numpy as np
 
 import lstm_lab
 from lstm_lab._io import FileLock, LockBusy, atomic_json, json_default
-from lstm_lab.config import Config, OptimConfig, cell_from_config, to_dict
+from lstm_lab.config import Config, cell_from_config, to_dict
 from lstm_lab.distributed import is_primary
 from lstm_lab.training.checkpoints import checkpoint_steps
 
