@@ -89,7 +89,10 @@ def describe_task(name: str, options: dict, *, batch_size: int = 4, seed: int = 
              f"input: {kind}, {'vocabulary ' if kind == 'tokens' else 'features '}{size}; "
              f"output: {task.output_size} per step",
              "splits: " + " | ".join(f"{s} {_fmt(n)}" for s, n in info["splits"].items())
-             + (" tokens" if task.stateful else " examples")]
+             + (" tokens" if task.stateful else " sequences" if "lengths" in info else " examples")]
+    if "lengths" in info:
+        lines.append("sequence lengths: " + " | ".join(f"{s} {v}" for s, v in info["lengths"].items())
+                     + f"; batches padded to {', '.join(map(str, info['padded_lengths']))} steps; loss {info['loss']}")
     if "distinct_characters" in info:
         lines.append(f"distinct characters in the corpus: {info['distinct_characters']}")
     base = info["baseline"]
@@ -98,7 +101,8 @@ def describe_task(name: str, options: dict, *, batch_size: int = 4, seed: int = 
         lines.append(f"baseline ({what}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in base.items() if k != "model"))
     batch = next(iter(task.batches("train", batch_size=batch_size, seed=seed)))
     lines.append(f"sample batch (train, seed {seed}): inputs {batch.inputs.shape} {batch.inputs.dtype}, "
-                 f"targets {batch.targets.shape} {batch.targets.dtype}")
+                 f"targets {batch.targets.shape} {batch.targets.dtype}"
+                 + (f", lengths {batch.lengths.tolist()}" if batch.lengths is not None else ""))
     for row in range(min(batch_size, 2)):
         text = task.format_example(batch, row)
         lines.append(f"[{row}] " + (repr(text) if task.stateful else text.replace("\n", "\n    ")))
@@ -246,6 +250,26 @@ def _demo(args, parser) -> int:
     return 0
 
 
+IMPORT_ENV = "LSTM_LAB_IMPORT"  # os.pathsep-separated modules/files to import (what --import passes to workers)
+
+
+def _import_user_modules(imports: list[str]) -> None:
+    """``--import`` (and LSTM_LAB_IMPORT, set for this process's children): modules or files whose tasks to
+    register."""
+    import os
+    import pathlib
+
+    from lstm_lab.tasks.registry import import_tasks
+
+    inherited = [x for x in os.environ.get(IMPORT_ENV, "").split(os.pathsep) if x]
+    mine = [str(pathlib.Path(x).resolve()) if x.endswith(".py") or pathlib.Path(x).is_file() else x
+            for x in imports]
+    for spec in inherited + [x for x in mine if x not in inherited]:
+        import_tasks(spec)
+    if mine:
+        os.environ[IMPORT_ENV] = os.pathsep.join(inherited + [x for x in mine if x not in inherited])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lstm-lab", description="LSTM-family cells, experiments and studies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -321,9 +345,18 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("study_dir", help="a study directory, or (with --storage) a study's name")
     rp.add_argument("--out", help="output directory (default <study_dir>/report)")
     rp.add_argument("--storage", help="the study's SQLAlchemy URL if not the one in study.json")
+    for p in sub.choices.values():
+        p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                       help="import this module or .py file first, for the tasks it registers (repeatable; worker "
+                            "processes inherit it through LSTM_LAB_IMPORT)")
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "data":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        _import_user_modules(args.imports)
+    except ValueError as e:
+        print(f"lstm-lab {args.command}: error: {error_message(e)}", file=sys.stderr)
+        return 2
     if args.command == "data":
         try:
             print(describe_task(args.task, _task_options(extra, data), batch_size=args.batch_size, seed=args.seed))

@@ -98,6 +98,7 @@ class ModelConfig(_Section):
     dropout: float = 0.0  # on the embedding and between recurrent layers (training only)
     output_dropout: float = 0.0  # on the last recurrent layer's output (training only)
     input_noise: float = 0.0  # std of Gaussian noise added to the encoded inputs (Odyssey; training only)
+    weight_noise: float = 0.0  # std of Gaussian noise on the weight matrices at each training step (Graves 2011)
     tie_weights: bool = False  # LMs: the output layer reuses the embedding (needs embed_dim == hidden_size)
     forget_bias: float = 1.0  # added to the retention gate's bias at init
     chrono_init: float = 0.0  # T_max for chrono initialisation (> 2); 0 = off
@@ -119,6 +120,7 @@ class ModelConfig(_Section):
         for name in ("dropout", "output_dropout"):
             self._finite(name, 0.0, high=1.0, rule="in [0, 1)")
         self._finite("input_noise", 0.0, rule="a finite number >= 0")
+        self._finite("weight_noise", 0.0, rule="a finite number >= 0")
         self._finite("forget_bias", rule="a finite number")
         self._finite("chrono_init", 0.0, rule="0 (off) or T_max > 2")
         out = self.hidden_size * (2 if self.bidirectional else 1)
@@ -171,6 +173,7 @@ class TrainConfig(_Section):
     steps: int = 2000  # training steps (batches)
     batch_size: int = 32
     eval_every: int = 200  # steps between validation evaluations (and checkpoints)
+    eval_every_epochs: float = 0.0  # > 0: evaluate every this many epochs instead (tasks of a finite set)
     eval_batch_size: int = 0  # 0 = batch_size
     log_every: int = 50  # steps between metric records
     early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
@@ -184,6 +187,7 @@ class TrainConfig(_Section):
         self._require("eval_batch_size", self.eval_batch_size >= 0, "an integer >= 0 (0 = train.batch_size)")
         self._require("early_stop_patience", self.early_stop_patience >= 0, "an integer >= 0 (0 = never)")
         self._finite("max_minutes", 0.0, rule="a finite number of minutes > 0, or 0 (no limit)")
+        self._finite("eval_every_epochs", 0.0, rule="a finite number of epochs > 0, or 0 (use train.eval_every)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ class SequenceModel(nnx.Module):
       cfg: :class:`~lstm_lab.config.ModelConfig` (validated when it was made: names, ranges, and
         whether ``impl`` can run this cell at this size and dtype).
 
-    Call: ``outputs, carry = model(inputs, carry=None, key=None, train=False)``
+    Call: ``outputs, carry = model(inputs, carry=None, key=None, train=False, lengths=None)``
     with ``inputs`` ``[B, T]`` ids or ``[B, T, F]`` floats; ``outputs``
     ``[B, T, output_size]`` in float32. Training (``train=True``) applies
     Gaussian input noise and dropout, drawn from ``key``.
@@ -72,8 +72,10 @@ class SequenceModel(nnx.Module):
         return self.rnn.initialize_carry((batch_size,))
 
     def __call__(self, inputs, carry=None, *, key: jax.Array | None = None, train: bool = False,
-                 input_noise: jax.Array | None = None):
-        """``input_noise`` (a traced scalar) replaces ``cfg.input_noise`` when given (vmapped populations)."""
+                 input_noise: jax.Array | None = None, lengths: jax.Array | None = None):
+        """``input_noise`` (a traced scalar) replaces ``cfg.input_noise`` when given (vmapped populations);
+        ``lengths`` ``[B]`` (sequences of different lengths padded to one ``T``) go to the RNN as ``seq_lengths``:
+        past each row's end its carry is frozen and its outputs are zero (a bidirectional layer reads no padding)."""
         cfg = self.cfg
         if train and key is None and (cfg.dropout or cfg.output_dropout or cfg.input_noise or
                                       self.rnn.dropout is not None):
@@ -91,7 +93,8 @@ class SequenceModel(nnx.Module):
             x = x + cfg.input_noise * jax.random.normal(keys[0], x.shape, x.dtype)
         if train and cfg.dropout > 0:
             x = _dropout(x, cfg.dropout, keys[1])
-        y, carry = self.rnn(x, initial_carry=carry, deterministic=not train, dropout_key=keys[2])
+        y, carry = self.rnn(x, seq_lengths=lengths, initial_carry=carry, deterministic=not train,
+                            dropout_key=keys[2])
         y = y.astype(jnp.float32)
         if train and cfg.output_dropout > 0:
             y = _dropout(y, cfg.output_dropout, keys[3])

@@ -93,9 +93,28 @@ def test_shipped_studies_are_valid():
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1] / "experiments"
-    for name in ("quick.py", "odyssey_copy.py", "odyssey_char_lm.py"):
+    for name in ("quick.py", "odyssey_copy.py", "odyssey_char_lm.py", "odyssey_jsb.py"):
         study = sweep.load_study(root / name)
         assert study.plan()
     Study(name="x", base=TINY, space={"optim.b1": OneMinusLogUniform(1e-3, 1.0)})  # b1 = 1 - x in [0, 0.999]
     assert LogUniform(1e-3, 1e-1).extremes() == [1e-3, 1e-1]
     assert OneMinusLogUniform(0.01, 1.0).extremes() == [0.99, 0.0]
+
+
+def test_variant_overrides_per_variant_and_checked():
+    """Per-variant settings (e.g. an equal-parameter hidden size per variant), checked like everything else, part of
+    the study's identity only when given (an existing study keeps its fingerprint)."""
+    plain = Study(name="v", base=TINY, variants=("vanilla", "nfg"))
+    study = Study(name="v", base=TINY, variants=("vanilla", "nfg"),
+                  variant_overrides={"nfg": {"model.hidden_size": 12}})
+    assert study.config_for("nfg", {}, 0).model.hidden_size == 12
+    assert study.config_for("vanilla", {}, 0).model.hidden_size == TINY["model.hidden_size"]
+    assert study.config_for("nfg", {"model.hidden_size": 20}, 0).model.hidden_size == 20  # the space's value wins
+    assert "variant_overrides" not in plain.record() and study.fingerprint() != plain.fingerprint()
+    assert Study.from_record(study.record()).fingerprint() == study.fingerprint()
+    with pytest.raises(StudyError, match="variant_overrides: 'nfgg' is not one of the variants vanilla, nfg"):
+        Study(name="v", base=TINY, variants=("vanilla", "nfg"), variant_overrides={"nfgg": {}})
+    with pytest.raises(StudyError, match="study variant 'nfg' with the base config: .*model.hiden_size"):
+        Study(name="v", base=TINY, variants=("vanilla", "nfg"), variant_overrides={"nfg": {"model.hiden_size": 3}})
+    with pytest.raises(StudyError, match=r"variant_overrides\['nfg'\] must be a dict of dotted config keys"):
+        Study(name="v", base=TINY, variants=("vanilla", "nfg"), variant_overrides={"nfg": {"model.cell": "lstm"}})

@@ -32,9 +32,13 @@ class Batch:
 
     Attributes:
       inputs: ``[B, T]`` int32 token ids, or ``[B, T, F]`` float32 features.
-      targets: ``[B, T]`` int32 classes per step, or ``[B]`` float32 (adding).
-      weights: float32, the shape of ``targets``: 1 for a scored target, 0 for
-        padding. An evaluation sums over weights, so padding never counts.
+      targets: ``[B, T]`` int32 classes per step, ``[B, T, K]`` (multi-label 0/1 or real values per step), or
+        ``[B]`` float32 (adding).
+      weights: float32, ``[B, T]`` (``[B]`` for one target per row): 1 for a scored target, 0 for padding. An
+        evaluation sums over weights, so padding never counts.
+      lengths: ``[B]`` int32, each row's valid steps (``1..T``), for sequences of different lengths padded to
+        one ``T``; the model passes them to the RNN (``seq_lengths``), which freezes the carry past each end, so
+        a bidirectional layer never reads padding. None: every row fills ``T``.
       reset: the carry must be reset before this batch (a new epoch or a
         split's first window); always True for tasks whose examples are
         independent.
@@ -46,10 +50,14 @@ class Batch:
     weights: np.ndarray
     reset: bool = True
     step: int = 0
+    lengths: np.ndarray | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays, for a jit-compiled step."""
-        return {"inputs": self.inputs, "targets": self.targets, "weights": self.weights}
+        """The arrays, for a jit-compiled step (``lengths`` when the batch has them)."""
+        out = {"inputs": self.inputs, "targets": self.targets, "weights": self.weights}
+        if self.lengths is not None:
+            out["lengths"] = self.lengths
+        return out
 
 
 class StreamBatcher:

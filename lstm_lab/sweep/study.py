@@ -97,6 +97,9 @@ class Study:
         the variant and the sampled hyperparameters).
       population: how many trials of one shape ``lstm-lab sweep`` trains as
         one vmapped program unless ``--population`` says otherwise.
+      variant_overrides: per-variant dotted overrides, ``{"nfg": {"model.hidden_size": 40}}`` (e.g. a hidden
+        size per variant for equal-parameter comparisons), applied after ``overrides`` and before the sampled
+        hyperparameters (a key the space also samples is the space's).
     """
 
     name: str
@@ -113,6 +116,7 @@ class Study:
     grid_points: int = 3
     overrides: dict = dataclasses.field(default_factory=dict)
     population: int = 1  # the default of `lstm-lab sweep --population` (not part of the study's identity)
+    variant_overrides: dict = dataclasses.field(default_factory=dict)
     source: str = dataclasses.field(default="", compare=False)  # the study file (set by load_study)
 
     # -- validation ----------------------------------------------------------------
@@ -145,6 +149,16 @@ class Study:
                 raise StudyError(f"study variants: each is a preset name or a dict with a 'name'; got {v!r}.")
         if len(set(names)) != len(names):
             raise StudyError(f"study variants: names repeat: {names}.")
+        if not isinstance(self.variant_overrides, dict):
+            raise StudyError(f"study variant_overrides must be a dict {{variant: {{key: value}}}}; got "
+                             f"{self.variant_overrides!r}.")
+        for variant, over in self.variant_overrides.items():
+            if variant not in names:
+                raise StudyError(f"study variant_overrides: {variant!r} is not one of the variants "
+                                 f"{', '.join(names)}.{did_you_mean(str(variant), names)}")
+            if not isinstance(over, dict) or "model.cell" in over:
+                raise StudyError(f"study variant_overrides[{variant!r}] must be a dict of dotted config keys "
+                                 f"(not model.cell: that is the variant); got {over!r}.")
         if self.baseline not in names:
             raise StudyError(f"study baseline {self.baseline!r} is not one of the variants "
                              f"{', '.join(names)}.{did_you_mean(self.baseline, names)}")
@@ -230,8 +244,8 @@ class Study:
         """The training config of one trial: base, then the variant, the hyperparameters and the seed."""
         from lstm_lab.config import apply_overrides
 
-        return apply_overrides(self.base_config(), {**hyper, "model.cell": self.cell_of(variant),
-                                                    "train.seed": int(seed)})
+        return apply_overrides(self.base_config(), {**self.variant_overrides.get(variant, {}), **hyper,
+                                                    "model.cell": self.cell_of(variant), "train.seed": int(seed)})
 
     def describe_params(self) -> dict:
         return {k: {**d.describe(), "optuna_name": d.optuna_name(k)} for k, d in self.space.items()}
@@ -245,7 +259,9 @@ class Study:
                 "space": {k: {**d.describe()} for k, d in sorted(self.space.items())},
                 "trials_per_variant": self.trials_per_variant, "seeds": self.seeds, "metric": self.metric,
                 "direction": self.direction, "baseline": self.baseline, "search": self.search,
-                "sampler_seed": self.sampler_seed, "grid_points": self.grid_points}
+                "sampler_seed": self.sampler_seed, "grid_points": self.grid_points,
+                **({"variant_overrides": {k: dict(v) for k, v in sorted(self.variant_overrides.items())}}
+                   if self.variant_overrides else {})}
 
     @classmethod
     def from_record(cls, record: dict, *, source: str = "", population: int = 1) -> "Study":
@@ -260,6 +276,7 @@ class Study:
             fields = {k: record[k] for k in ("trials_per_variant", "seeds", "metric", "direction", "baseline",
                                              "search", "sampler_seed", "grid_points")}
             variants = tuple(v if isinstance(v, str) else dict(v) for v in record["variants"])
+            fields["variant_overrides"] = dict(record.get("variant_overrides") or {})
             name = record["name"]
         except (KeyError, TypeError, ValueError) as e:
             raise StudyError(f"the stored study record is incomplete or invalid "

@@ -1,4 +1,5 @@
-"""Benchmark tasks: ``copy``, ``adding``, ``char_lm``, ``word_lm``; ``get(name, **options)``.
+"""Benchmark tasks: ``copy``, ``adding``, ``char_lm``, ``word_lm``, ``music``; ``get(name, **options)``;
+:class:`SequenceSet`, the base of any dataset of whole sequences of different lengths.
 
 >>> from lstm_lab import tasks
 >>> task = tasks.get("copy", T=5)
@@ -15,11 +16,16 @@ A task of your own is one registered class (or a function returning a task)::
 """
 
 from lstm_lab.tasks.base import SPLITS, Batch, Task, pad_examples, row_sum, sequence_cross_entropy
-from lstm_lab.tasks.registry import get, names, option_names, register
+from lstm_lab.tasks.registry import get, import_tasks, names, option_names, register
+from lstm_lab.tasks import losses
+from lstm_lab.tasks.sequences import SequenceSet
 from lstm_lab.tasks import synthetic as _synthetic  # noqa: F401  (registers copy, adding)
 from lstm_lab.tasks import language as _language  # noqa: F401  (registers char_lm, word_lm)
+from lstm_lab.tasks import music as _music  # noqa: F401  (registers music)
 from lstm_lab.tasks.synthetic import AddingTask, CopyTask
 from lstm_lab.tasks.language import CharLMTask, WordLMTask
+from lstm_lab.tasks.music import MusicTask
 
-__all__ = ["SPLITS", "AddingTask", "Batch", "CharLMTask", "CopyTask", "Task", "WordLMTask", "get", "names",
-           "option_names", "pad_examples", "register", "row_sum", "sequence_cross_entropy"]
+__all__ = ["SPLITS", "AddingTask", "Batch", "CharLMTask", "CopyTask", "MusicTask", "SequenceSet", "Task",
+           "WordLMTask", "get", "import_tasks", "losses", "names", "option_names", "pad_examples", "register",
+           "row_sum", "sequence_cross_entropy"]

@@ -11,6 +11,7 @@ import numpy as np
 
 from lstm_lab.data.batching import Batch
 from lstm_lab.data.text import SPLITS
+from lstm_lab.tasks.losses import categorical as sequence_cross_entropy  # per-position cross-entropy (nats)
 
 __all__ = ["Task", "Batch", "SPLITS", "pad_examples", "row_sum", "sequence_cross_entropy"]
 
@@ -32,12 +33,6 @@ def row_sum(weights: jax.Array, values: jax.Array) -> jax.Array:
     """``sum(weights * values)`` over all but the first axis; padding (weight 0) contributes exactly 0."""
     prod = jnp.where(weights > 0, weights * values, 0.0)
     return prod.reshape(prod.shape[0], -1).sum(axis=1)
-
-
-def sequence_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-position cross-entropy (nats) of integer ``targets`` under ``logits [..., V]``."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 class Task(abc.ABC):

@@ -56,18 +56,46 @@ def device_setup(batch_size: int, eval_batch_size: int, devices=None):
     return (lambda a: jax.device_put(a, data)), (lambda t: jax.device_put(t, repl)), n, repl
 
 
+def eval_interval(t, task) -> int:
+    """Training steps between evaluations: ``train.eval_every``, or ``train.eval_every_epochs`` epochs of a task
+    of a finite set (one with ``epoch_steps``, e.g. a :class:`~lstm_lab.tasks.SequenceSet`)."""
+    if not t.eval_every_epochs:
+        return t.eval_every
+    if not hasattr(task, "epoch_steps"):
+        raise ValueError(f"config: train.eval_every_epochs={t.eval_every_epochs} needs a task of a finite set of "
+                         f"sequences (one with epoch_steps); {task.name!r} has no epochs: use train.eval_every.")
+    return max(1, round(t.eval_every_epochs * task.epoch_steps(t.batch_size)))
+
+
 _SINGLE = ((lambda a: a), (lambda t: t), 1, None)
 
 
 def same_shapes(task_name: str, batches: list, step: int) -> None:
-    """Refuse (ValueError, one line) a population's member batches of one step that differ in shape."""
+    """Refuse (ValueError, one line) a population's member batches of one step that differ in shape and carry no
+    ``lengths`` (batches with lengths are padded to one length: see :func:`stack_batches`)."""
     shapes = {tuple(b.inputs.shape) for b in batches}
-    if len(shapes) > 1:
+    if len(shapes) > 1 and any(b.lengths is None for b in batches):
         raise ValueError(
             f"population: task {task_name!r} gives the members batches of different shapes at step {step} "
             f"({', '.join(str(s) for s in sorted(shapes))}: a variable-length task batches each seed differently); "
-            f"a population needs one shape per step. Train these trials one at a time (a study's population = 1) "
-            f"or make the task pad every batch to one length.")
+            f"a population needs one shape per step. Train these trials one at a time (a study's population = 1), "
+            f"or give the task's batches their lengths (tasks.SequenceSet does) so that members are padded to one.")
+
+
+def stack_batches(batches: list) -> dict:
+    """The members' batches of one step on a new axis 0; batches with ``lengths`` are first padded (zeros, weight
+    0) to the longest member's length (the RNN freezes each row past its length: the padding changes nothing)."""
+    T = max(b.inputs.shape[1] for b in batches)
+    arrays = []
+    for b in batches:
+        a = b.arrays()
+        if b.inputs.shape[1] < T:
+            a = {k: (v if k == "lengths" else np.pad(v, [(0, 0), (0, T - v.shape[1])] + [(0, 0)] * (v.ndim - 2)))
+                 for k, v in a.items()}
+        arrays.append(a)
+    out = {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
+    out["reset"] = np.array([b.reset for b in batches], np.bool_)
+    return out
 
 
 class Engine:
@@ -81,6 +109,8 @@ class Engine:
         self.t = cfgs[0].train
         self.stateful = info["stateful"]
         self.put_data, self.put_repl, self.n_devices, replicated = devices
+        self.eval_every = eval_interval(self.t, task)
+        self.parameters = int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(models[0], nnx.Param))))
         train_step, eval_step = make_steps(models[0], task, tx, stateful=self.stateful, replicated=replicated)
         bases = [jax.random.key_data(jax.random.fold_in(jax.random.key(c.train.seed), 1)) for c in cfgs]
         if stacked:
@@ -135,8 +165,7 @@ class Engine:
             bs = [next(g) for g in gens]
             if self.stacked:
                 same_shapes(self.info["name"], bs, k)
-                arrays = {key: np.stack([b.arrays()[key] for b in bs]) for key in bs[0].arrays()}
-                arrays["reset"] = np.array([b.reset for b in bs], np.bool_)
+                arrays = stack_batches(bs)
             else:
                 arrays = {**bs[0].arrays(), "reset": np.bool_(bs[0].reset)}
             k += 1
@@ -207,7 +236,7 @@ def fit(engine: Engine, members: list[Member], ckpts: list[Checkpoints], state: 
                 pending.append((step, loss))
                 out_of_time = bool(t.max_minutes) and step < t.steps and \
                     time.perf_counter() - start_wall > 60 * t.max_minutes
-                at_eval = step % t.eval_every == 0 or step == t.steps or out_of_time  # also where time runs out
+                at_eval = step % engine.eval_every == 0 or step == t.steps or out_of_time  # also where time runs out
                 if step % t.log_every == 0 or at_eval:
                     losses = _losses(pending)
                     now = time.perf_counter()
@@ -268,5 +297,6 @@ def fit(engine: Engine, members: list[Member], ckpts: list[Checkpoints], state: 
                                                     for i, b in enumerate(bests)]))
         valid, test = engine.evaluate(best_params, "valid"), engine.evaluate(best_params, "test")
     return [m.finish(engine.task, engine.info, step, wall, valid[i] if bests[i] else None,
-                     test[i] if bests[i] else None, engine.n_devices) for i, m in enumerate(members)]
+                     test[i] if bests[i] else None, engine.n_devices, parameters=engine.parameters)
+            for i, m in enumerate(members)]
 

@@ -21,7 +21,7 @@ from flax import nnx
 from lstm_lab import tasks as tasks_lib
 from lstm_lab.config import Config
 from lstm_lab.training.checkpoints import Checkpoints, checkpoint_steps
-from lstm_lab.training.engine import Engine, build_model, device_setup, fit, task_info
+from lstm_lab.training.engine import Engine, build_model, device_setup, eval_interval, fit, task_info
 from lstm_lab.training.optim import build_optimizer
 from lstm_lab.training.records import (CheckpointCorruptError, Member, WorkdirError, WorkdirLock, atomic_json,
                                        format_summary, is_not_writable, is_primary, move_aside, not_writable,
@@ -49,6 +49,7 @@ def train(cfg: Config, workdir, *, force: bool = False, resume: bool | None = No
     wd, t = pathlib.Path(workdir), cfg.train
     task = tasks_lib.get(cfg.task.name, **cfg.task.options)
     tx = build_optimizer(cfg.optim, t.steps)
+    eval_interval(t, task)
     info = task_info(task)
     devices = device_setup(t.batch_size, t.eval_batch_size or t.batch_size)
     model = build_model(cfg, info)

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 from lstm_lab import tasks as tasks_lib
 from lstm_lab.training.checkpoints import Checkpoints
-from lstm_lab.training.engine import Engine, build_model, fit, same_shapes, task_info
+from lstm_lab.training.engine import Engine, build_model, eval_interval, fit, same_shapes, task_info
 from lstm_lab.training.loop import recorded_failure, trace_one_step, writable
 from lstm_lab.training.optim import VMAPPED_FIELDS, build_optimizer, population_key
 from lstm_lab.training.records import Member, WorkdirLock, open_workdir, run_record
@@ -42,6 +42,7 @@ def train_population(cfgs: list, workdirs: list, *, quiet: bool = True, log: Cal
     t = cfgs[0].train
     txs = [build_optimizer(c.optim, t.steps) for c in cfgs]  # each member's hyperparameters, in its opt state
     task = tasks_lib.get(cfgs[0].task.name, **cfgs[0].task.options)
+    eval_interval(t, task)
     info = task_info(task)
     models = [build_model(c, info) for c in cfgs]
     trace_one_step(models[0], task, cfgs[0], txs[0])  # the members differ in no shape

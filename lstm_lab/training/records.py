@@ -202,13 +202,14 @@ class Member:
         elif out_of_time:
             self.stop("stopped_early", f"time limit of {t.max_minutes} minutes", step)
 
-    def finish(self, task, info: dict, step: int, wall: float, valid, test, devices: int) -> dict:
+    def finish(self, task, info: dict, step: int, wall: float, valid, test, devices: int, **extra) -> dict:
         """Write the test record and ``summary.json``; return the summary."""
         if test is not None:
             self.metrics.write({"kind": "test", "step": self.meta["best_step"], **test})
         self.close()
         m = self.meta
-        extra = {} if self.population is None else {"population": self.population}
+        if self.population is not None:
+            extra["population"] = self.population
         return run_summary(self.cfg, task, info, self.wd, status=m["status"] or "completed", reason=m["reason"],
                            steps=step if m["end_step"] is None else m["end_step"], diverged_at=m["diverged_at"],
                            best_step=m["best_step"], wall=wall, valid=valid, test=test, devices=devices, **extra)
