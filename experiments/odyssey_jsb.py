@@ -24,4 +24,5 @@ study = Study(
     baseline="vanilla",
     search="random",
     population=8,
+    interleave=True,                      # trial i of every variant first: a study stopped part way is balanced
 )

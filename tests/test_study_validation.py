@@ -118,3 +118,13 @@ def test_variant_overrides_per_variant_and_checked():
         Study(name="v", base=TINY, variants=("vanilla", "nfg"), variant_overrides={"nfg": {"model.hiden_size": 3}})
     with pytest.raises(StudyError, match=r"variant_overrides\['nfg'\] must be a dict of dotted config keys"):
         Study(name="v", base=TINY, variants=("vanilla", "nfg"), variant_overrides={"nfg": {"model.cell": "lstm"}})
+
+
+def test_interleave_orders_the_plan_by_trial_index():
+    study = Study(name="v", base=TINY, variants=("vanilla", "nfg"), trials_per_variant=3, interleave=True)
+    assert [p["slot"] for p in study.plan()] == ["vanilla/0000", "nfg/0000", "vanilla/0001", "nfg/0001",
+                                                 "vanilla/0002", "nfg/0002"]
+    plain = Study(name="v", base=TINY, variants=("vanilla", "nfg"), trials_per_variant=3)
+    assert [p["slot"] for p in plain.plan()][:2] == ["vanilla/0000", "vanilla/0001"]
+    assert {p["slot"]: p["params"] for p in plain.plan()} == {p["slot"]: p["params"] for p in study.plan()}
+    assert "interleave" not in plain.record() and Study.from_record(study.record()).interleave

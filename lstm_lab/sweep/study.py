@@ -97,6 +97,9 @@ class Study:
         the variant and the sampled hyperparameters).
       population: how many trials of one shape ``lstm-lab sweep`` trains as
         one vmapped program unless ``--population`` says otherwise.
+      interleave: run the trials in the order trial 0 of every variant, then trial 1 of every variant, ...
+        (default: all of the first variant's first), so that a study stopped part way has as many trials of
+        each variant: for studies run over several sittings.
       variant_overrides: per-variant dotted overrides, ``{"nfg": {"model.hidden_size": 40}}`` (e.g. a hidden
         size per variant for equal-parameter comparisons), applied after ``overrides`` and before the sampled
         hyperparameters (a key the space also samples is the space's).
@@ -117,6 +120,7 @@ class Study:
     overrides: dict = dataclasses.field(default_factory=dict)
     population: int = 1  # the default of `lstm-lab sweep --population` (not part of the study's identity)
     variant_overrides: dict = dataclasses.field(default_factory=dict)
+    interleave: bool = False
     source: str = dataclasses.field(default="", compare=False)  # the study file (set by load_study)
 
     # -- validation ----------------------------------------------------------------
@@ -171,6 +175,8 @@ class Study:
         if split not in ("valid", "test") or not key:
             raise StudyError(f"study metric must be 'valid.<name>' or 'test.<name>' (e.g. 'test.loss'); "
                              f"got {self.metric!r}.")
+        if not isinstance(self.interleave, bool):
+            raise StudyError(f"study interleave must be True or False; got {self.interleave!r}.")
         for name in ("trials_per_variant", "seeds", "grid_points", "population"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise StudyError(f"study {name} must be an integer >= 1; got {getattr(self, name)!r}.")
@@ -261,7 +267,8 @@ class Study:
                 "direction": self.direction, "baseline": self.baseline, "search": self.search,
                 "sampler_seed": self.sampler_seed, "grid_points": self.grid_points,
                 **({"variant_overrides": {k: dict(v) for k, v in sorted(self.variant_overrides.items())}}
-                   if self.variant_overrides else {})}
+                   if self.variant_overrides else {}),
+                **({"interleave": True} if self.interleave else {})}
 
     @classmethod
     def from_record(cls, record: dict, *, source: str = "", population: int = 1) -> "Study":
@@ -277,6 +284,7 @@ class Study:
                                              "search", "sampler_seed", "grid_points")}
             variants = tuple(v if isinstance(v, str) else dict(v) for v in record["variants"])
             fields["variant_overrides"] = dict(record.get("variant_overrides") or {})
+            fields["interleave"] = bool(record.get("interleave", False))
             name = record["name"]
         except (KeyError, TypeError, ValueError) as e:
             raise StudyError(f"the stored study record is incomplete or invalid "
@@ -311,6 +319,8 @@ class Study:
                     slot = f"{variant}/{i:04d}" + (f"/s{j}" if self.seeds > 1 else "")
                     out.append({"slot": slot, "variant": variant, "index": i, "seed": i * self.seeds + j,
                                 "params": params})
+        if self.interleave:  # trial i of every variant before trial i + 1 of any (stable: variants keep their order)
+            out.sort(key=lambda p: p["index"])
         return out
 
     def ask(self, trial) -> tuple[str, dict]:
