@@ -215,6 +215,46 @@ def _study_cmd(args) -> int:
         return 2
 
 
+def _dashboard(args) -> int:
+    """optuna-dashboard on a study's storage (found as ``status`` finds it), until Ctrl-C. Errors: one line, exit 2."""
+    import socket
+
+    from lstm_lab import sweep
+    from lstm_lab.sweep.storage import (StorageError, StudyConflictError, connect, masked_url, quiet_optuna,
+                                        study_dir_info)
+
+    name = "lstm-lab dashboard"
+    try:
+        import optuna_dashboard
+    except ImportError:
+        print(f"{name} needs the dashboard extra: pip install -e '.[dashboard]'", file=sys.stderr)
+        return 2
+    try:
+        quiet_optuna()
+        info = study_dir_info(args.study, args.storage)
+        url, study_name = info["storage"], info["study"]["name"]
+        rdb = connect(url, create=False)
+        try:
+            study_id = rdb.get_study_id_from_name(study_name)
+        except KeyError:
+            raise StudyConflictError(f"storage {masked_url(url)!r} has no study named {study_name!r}.") from None
+        shown = socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host
+        shown = f"[{shown}]" if ":" in shown else shown
+        print(f"study {study_name!r} in {masked_url(url)}: open http://{shown}:{args.port}/dashboard/studies/"
+              f"{study_id} (Ctrl-C stops the dashboard)", flush=True)
+        optuna_dashboard.run_server(rdb, host=args.host, port=args.port)  # returns on Ctrl-C
+    except KeyboardInterrupt:
+        pass
+    except (sweep.StudyError, StudyConflictError, StorageError, FileNotFoundError, KeyError, TypeError, ValueError,
+            OSError) as e:
+        import errno
+
+        hint = " (pass another --port)" if getattr(e, "errno", None) == errno.EADDRINUSE else ""
+        print(f"{name}: error: {error_message(e)}{hint}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _demo(args, parser) -> int:
     """``lstm-lab train experiments/demo.py`` with the flags as overrides, then one line against the baseline."""
     import pathlib
@@ -345,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("study_dir", help="a study directory, or (with --storage) a study's name")
     rp.add_argument("--out", help="output directory (default <study_dir>/report)")
     rp.add_argument("--storage", help="the study's SQLAlchemy URL if not the one in study.json")
+    dash = sub.add_parser("dashboard", help="a live view of a study in optuna-dashboard (the dashboard extra)",
+                          epilog="Example: lstm-lab dashboard studies/odyssey_jsb, then open the URL it prints")
+    dash.add_argument("study", help="a study directory, or (with --storage) a study's name")
+    dash.add_argument("--storage", help="the study's SQLAlchemy URL if not the one in study.json")
+    dash.add_argument("--host", default="127.0.0.1",
+                      help="the address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    dash.add_argument("--port", type=int, default=8080, help="the port to listen on (default 8080)")
     for p in sub.choices.values():
         p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                        help="import this module or .py file first, for the tasks it registers (repeatable; worker "
@@ -367,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args, tr)
     elif args.command in ("sweep", "worker", "status", "report"):
         return _study_cmd(args)
+    elif args.command == "dashboard":
+        return _dashboard(args)
     elif args.command == "sample":
         from lstm_lab.training import sample
 

@@ -70,6 +70,8 @@ class _Configs:
         """A popped trial's config: its parameters asked for (recorded in the database), the config built
         unless it was for grouping."""
         variant, hyper = self.study.ask(trial)
+        for key, value in hyper.items():  # actual units (a live view shows them; params hold the search units)
+            trial.set_user_attr(key, value)
         cfg = self.configs.get(trial.number)
         if cfg is None:
             cfg = self.configs[trial.number] = self.study.config_for(variant, hyper, int(trial.user_attrs["seed"]))
@@ -103,8 +105,6 @@ def _finish(ostudy, study: Study, trial, summary: dict | None, error: str | None
 
 
 def _record_outcome(ostudy, study: Study, trial, summary: dict | None, error: str | None) -> dict:
-    import warnings
-
     from optuna.trial import TrialState
 
     if summary is not None:
@@ -115,11 +115,7 @@ def _record_outcome(ostudy, study: Study, trial, summary: dict | None, error: st
         trial.set_user_attr("run_status", summary.get("status"))
         if summary.get("population"):
             trial.set_user_attr("population", summary["population"])
-        with warnings.catch_warnings():  # a step reported before a database outage is not reported again
-            warnings.simplefilter("ignore")
-            for rec in summary.get("history", []):  # the learning curve as intermediate values
-                if isinstance(rec.get("loss"), (int, float)) and math.isfinite(rec["loss"]):
-                    trial.report(float(rec["loss"]), int(rec["step"]))
+        _report_curve(trial, summary.get("history", []))
     value = _metric(summary, study.metric) if summary is not None else None
     if error is not None:
         status = "failed"
@@ -143,6 +139,56 @@ def _history(workdir: pathlib.Path) -> list[dict]:
     return read_jsonl(workdir / "metrics.jsonl", kinds=("valid",))
 
 
+def _report_curve(trial, history: list[dict], done: set | None = None) -> None:
+    """The learning curve (validation loss per evaluation step) as the trial's intermediate values; ``done``: the
+    steps reported already (updated)."""
+    import warnings
+
+    with warnings.catch_warnings():  # a step reported already (the live curve; before an outage) is not stored again
+        warnings.simplefilter("ignore")
+        for rec in history:
+            if isinstance(rec.get("loss"), (int, float)) and math.isfinite(rec["loss"]) and \
+                    (done is None or int(rec["step"]) not in done):
+                trial.report(float(rec["loss"]), int(rec["step"]))
+                if done is not None:
+                    done.add(int(rec["step"]))
+
+
+CURVE_SECONDS = 30  # a running trial's new validation losses reach the database this often (LSTM_LAB_CURVE_SECONDS)
+
+
+class _LiveCurves:
+    """While trials train: a thread that reports each one's new validation losses (from its metrics.jsonl) as
+    intermediate values every ``LSTM_LAB_CURVE_SECONDS`` (default 30 s), so that a live view (optuna-dashboard) draws
+    the learning curves of running trials too; the outcome reports the whole curve (a step is stored once). Best
+    effort: a tick that fails (a database outage) is skipped. A context manager."""
+
+    def __init__(self, trials, workdirs):
+        self.items = [(t, pathlib.Path(wd), set()) for t, wd in zip(trials, workdirs)]
+        self.every = db.env_seconds("LSTM_LAB_CURVE_SECONDS", CURVE_SECONDS)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="lstm_lab-curves")
+
+    def tick(self) -> None:
+        for trial, wd, done in self.items:
+            try:
+                _report_curve(trial, _history(wd), done)
+            except Exception:  # noqa: BLE001 - the next tick, or the outcome, reports it
+                pass
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.tick()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)  # a tick stuck on the database: the outcome reports the curve anyway
+
+
 def _error_text(e: BaseException) -> str:
     """What a failed trial records: ``Type: message`` on the first line, then the traceback."""
     return f"{type(e).__name__}: {error_message(e)}\n{traceback.format_exc(limit=8)}"
@@ -158,10 +204,12 @@ def _run(ostudy, study: Study, study_dir: pathlib.Path, members: list, callbacks
         db.retrying(lambda: trial.set_user_attr("workdir", str(wd)), "recording a trial", log)
     t0 = time.monotonic()
     try:
-        if len(members) == 1:
-            summaries = [training.train(members[0][1], wds[0], quiet=True, log=lambda m: None, callbacks=callbacks)]
-        else:
-            summaries = training.train_population([c for _, c in members], wds, quiet=True, callbacks=callbacks)
+        with _LiveCurves([t for t, _ in members], wds):
+            if len(members) == 1:
+                summaries = [training.train(members[0][1], wds[0], quiet=True, log=lambda m: None,
+                                            callbacks=callbacks)]
+            else:
+                summaries = training.train_population([c for _, c in members], wds, quiet=True, callbacks=callbacks)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # noqa: BLE001 - recorded with the trial; the sweep goes on
