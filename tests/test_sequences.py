@@ -245,3 +245,47 @@ def test_import_makes_a_users_task_known_to_every_command(tmp_path):
     r = subprocess.run(cli + ["data", "blips", "--import", "no_such_module_here"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
         "lstm-lab data: error: --import 'no_such_module_here': No module named"), r.stderr
+
+
+def test_weight_noise_perturbs_the_weights_at_each_step_only():
+    """model.weight_noise (Graves 2011): the gradient is taken at the weights plus noise drawn from the step's key;
+    0 is exactly the noiseless step; biases are left alone."""
+    import optax
+
+    from lstm_lab.training.steps import make_steps
+
+    task = next_sine()
+    batch = {**next(iter(task.batches("train", batch_size=4, seed=0))).arrays(), "reset": np.bool_(True)}
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    out = {}
+    for std in (0.0, 0.5):
+        model = SequenceModel("real", 1, 1, ModelConfig(hidden_size=5, weight_noise=std), rngs=nnx.Rngs(0))
+        params = nnx.split(model, nnx.Param, ...)[1]
+        tx = optax.sgd(0.1)
+        step, _ = make_steps(model, task, tx, stateful=False)
+        new, _, _, loss = step(params, tx.init(params), {}, batch, jax.random.key(1))
+        again = step(params, tx.init(params), {}, batch, jax.random.key(1))[3]
+        other = step(params, tx.init(params), {}, batch, jax.random.key(2))[3]
+        out[std] = (float(loss), float(again), float(other))
+        if std == 0.0:
+            clean_loss = float(task.loss(model(batch["inputs"], lengths=batch["lengths"])[0], batch))
+            assert float(loss) == pytest.approx(clean_loss, rel=1e-6)
+    assert out[0.0][0] == out[0.0][2]  # no noise: the key changes nothing (the model has no dropout)
+    assert out[0.5][0] == out[0.5][1] != out[0.5][2]  # noise from the step's key: reproducible, and it changes
+    assert out[0.5][0] != out[0.0][0]
+
+
+@pytest.mark.integration  # a fresh interpreter
+def test_tasks_of_an_installed_package_load_through_the_entry_point_group(tmp_path):
+    """A package registers its tasks under the ``lstm_lab.tasks`` entry-point group: no --import needed."""
+    (tmp_path / "blip_pkg.py").write_text(
+        "import numpy as np\nfrom lstm_lab import tasks\n\n\n@tasks.register('blips_ep')\ndef blips():\n"
+        "    seqs = [(np.ones((n, 1)), np.zeros((n, 1))) for n in (3, 5)]\n"
+        "    return tasks.SequenceSet({'train': seqs, 'valid': seqs, 'test': seqs}, loss='mse', name='blips_ep')\n")
+    dist = tmp_path / "blip_pkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: blip-pkg\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[lstm_lab.tasks]\nblips = blip_pkg\n")
+    r = subprocess.run([sys.executable, "-m", "lstm_lab.cli", "data", "blips_ep"], capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0 and "splits: train 2 | valid 2 | test 2 sequences" in r.stdout, r.stderr
