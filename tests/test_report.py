@@ -16,8 +16,9 @@ import re
 import numpy as np
 import pytest
 
-from lstm_lab.analysis import stats
-from lstm_lab.analysis.render import display_name, fmt, fmt_p
+from lstm_lab.analysis import data, stats
+from lstm_lab.analysis.odyssey import odyssey_comparison
+from lstm_lab.analysis.render import display_name, fmt, fmt_p, to_markdown
 from lstm_lab.analysis.report import build_report
 
 pd = pytest.importorskip("pandas")
@@ -181,6 +182,88 @@ def test_fanova_ranks_learning_rate_first(report):
         per = {r[0]: float(r[column]) for r in table[1:] if r[0] != "variant"}
         assert max(per, key=per.get) == "learning_rate"
         assert row(table, "variant")[table[0][column]] == "–"
+
+
+def bullet(md: str, start: str) -> str:
+    (line,) = [ln for ln in md.splitlines() if ln.startswith(f"- *{start}")]
+    return line
+
+
+def test_odyssey_section(report):
+    md = report[0].read_text()
+    assert md.index("## Hyperparameter importance") < md.index("## Beside the Odyssey's findings") \
+        < md.index("## Metric against each hyperparameter")
+    sec = section(md, "## Beside the Odyssey's findings")
+    assert "36 complete trials over 3 variants on toy" in sec
+    # the verdicts follow the Welch table: NFG worse *, CIFG n.s., nothing better
+    welch = md_tables(section(md, "## Welch"))[0]
+    nfg = row(welch, "NFG")
+    assert bullet(sec, "NFG significantly worse").endswith(
+        f"mean {nfg['mean']} vs {nfg['baseline mean']} (vanilla), difference {nfg['difference']}, "
+        f"p = {nfg['p-value']} (worse *): **agrees**.")
+    cifg = bullet(sec, "CIFG not significantly worse")
+    assert cifg.endswith(f"p = {row(welch, 'CIFG')['p-value']} (n.s.): **agrees**.")
+    assert bullet(sec, "No variant significantly better").endswith("none of the 2 tested variants is significantly "
+                                                                   "better than vanilla: **agrees**.")
+    assert bullet(sec, "NOAF significantly worse").endswith("not in this study.")
+    # ... and the ranks follow the fANOVA table (hyperparameters only, the variant left out)
+    (imp,) = md_tables(section(md, "## Hyperparameter importance"))
+    ranked = [r[0] for r in sorted(imp[1:], key=lambda r: -float(r[1])) if r[0] != "variant"]
+    for name, want, start in (("learning_rate", 1, "The learning rate"), ("hidden_size", 2, "The hidden size")):
+        rank = ranked.index(name) + 1
+        verdict = "**agrees**" if rank == want else "**differs**"
+        line = bullet(sec, start)
+        assert f"ranks {rank} of 3 hyperparameters" in line and line.endswith(f": {verdict}.")
+    assert f"{float(row(imp, 'learning_rate')['all']):.0%} of the variance" in bullet(sec, "The learning rate")
+    # size and cost from the trials table: 12 a variant; wall_seconds 1.0 each
+    assert "here 12 complete trials per variant (36 over 3 variants)" in bullet(sec, "Size")
+    assert "1,800 x 1 s = 30 min on one worker" in bullet(sec, "Cost") and "30 min / N" in bullet(sec, "Cost")
+    assert "JSB" not in sec.split("\n\n", 2)[2]  # no JSB panel for another task (the intro names the dataset)
+    assert "Beside the Odyssey&#x27;s findings" in (report[0].parent / "report.html").read_text()
+
+
+def test_odyssey_comparison_states_where_the_study_differs():
+    # Known Welch outcomes: NFG = vanilla + 0.001 (n.s.), CIFG = vanilla - 1 (better *), NP = vanilla + 1
+    # (worse *); on the music task (JSB Chorales): vanilla's and NFG's best 10% in 8.4-8.8, CIFG's below, NP's above.
+    base = 8.5 + 0.1 * np.linspace(-1, 1, 20)
+    values = {"vanilla": base, "NFG": base + 0.001, "CIFG": base - 1.0, "NP": base + 1.0}
+    t0 = pd.Timestamp("2025-01-01 12:00:00")
+    trials = pd.DataFrame([{"number": i, "variant": v, "status": "complete", "value": x, "population": 2,
+                            "started": t0, "finished": t0 + pd.Timedelta(seconds=600), **{c: 0.01 for c in PARAMS}}
+                           for i, (v, x) in enumerate((v, x) for v, xs in values.items() for x in xs)])
+    info = {"name": "music", "task": "music", "metric": "test.loss", "direction": "minimize", "baseline": "vanilla",
+            "variants": list(values), "params": PARAMS}
+    st = data.from_frames(info, trials)
+    welch = stats.welch_vs_baseline(st.values, st.baseline, direction=st.direction)
+    assert list(welch["result"]) == ["n.s.", "better *", "worse *"]
+    md = to_markdown(odyssey_comparison(st, welch, None))
+    assert bullet(md, "No variant significantly better").endswith(": **differs**.") and "CIFG (difference -1," in md
+    assert bullet(md, "NFG significantly worse").endswith("(n.s.): **differs**.")
+    assert bullet(md, "CIFG not significantly worse").endswith("(better *): **agrees**.")
+    assert bullet(md, "NP not significantly worse").endswith("(worse *): **differs**.")
+    assert bullet(md, "The learning rate").endswith("fANOVA did not run: not testable here.")
+    (table,) = md_tables(md)
+    assert [row(table, v)["verdict"] for v in values] == ["agrees", "agrees", "differs (below)", "differs (above)"]
+    assert row(table, "vanilla")["best 10% (n)"] == "2" and row(table, "vanilla")["best 10%: mean"] == fmt(8.405)
+    assert "read off the figure" in bullet(md, "JSB Chorales") and bullet(md, "JSB Chorales").endswith("**differs**.")
+    assert "20 complete trials per variant" in bullet(md, "Size")
+    # 600 s for a population of 2: 300 s a trial; 1,800 of them 540,000 s
+    assert "is 5 min (80 trials; a population" in bullet(md, "Cost") and "= 6.25 days" in bullet(md, "Cost")
+    assert "JSB" not in to_markdown(odyssey_comparison(st, welch, None, dataset=None)).split("\n\n", 1)[1]
+    with pytest.raises(ValueError, match="dataset"):
+        odyssey_comparison(st, welch, None, dataset="timit")
+
+
+def test_notebook_03_shows_the_same_comparison():
+    """Notebook 03 calls odyssey_comparison rather than drawing its own conclusions (test_study_analysis runs it
+    and compares its Markdown with the report's section)."""
+    import json
+    import pathlib
+
+    nb = json.loads((pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "03_odyssey_study.ipynb").read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert "odyssey_comparison(st, welch, imp)" in code
+    assert "agrees" not in code and "differs" not in code
 
 
 def test_html_has_the_same_content(report):

@@ -1,5 +1,5 @@
 """Notebook 03 and the report read one study with the same functions (lstm_lab.analysis): on one study they print
-the same fANOVA importances and the same Welch p-values."""
+the same fANOVA importances, the same Welch p-values and the same comparison with the Odyssey's findings."""
 
 from __future__ import annotations
 
@@ -71,3 +71,12 @@ def test_notebook_and_report_print_the_same_numbers(tmp_path):
     table = analysis_report.importance(data.load(sd))
     assert json.loads(got["importance"]) == json.loads(table.to_json())
     assert list(table.columns) == ["all", "vanilla", "nfg", "cifg"]
+
+    # "Beside the Odyssey's findings": the notebook shows the report's section, word for word
+    shown = [o["data"]["text/markdown"] for c in ran.cells if c.cell_type == "code" for o in c.outputs
+             if "text/markdown" in o.get("data", {})]
+    md = path.read_text()
+    start = md.index("## Beside the Odyssey's findings\n")
+    body = md[md.index("\n", start):md.index("\n## ", start + 1)]
+    assert "42 complete trials over 3 variants" in body and "*NFG significantly worse*" in body
+    assert [s.strip() for s in shown] == [body.strip()]

@@ -14,6 +14,9 @@ task, then asking three questions of the results:
 3. **How does the metric depend on each hyperparameter?**  The metric against each hyperparameter, per variant,
    with a smoothed trend (the empirical counterpart of their fANOVA marginal plots).
 
+After the fANOVA, "Beside the Odyssey's findings" sets the paper's answers beside this study's numbers
+(:func:`~.odyssey.odyssey_comparison`, which notebook 03 shows too).
+
 :func:`report` reproduces that analysis for one study directory, plus learning curves of each variant's best
 trial: ``report.md`` and ``report.html`` (the same blocks rendered twice, :mod:`~.render`; the HTML page embeds
 its figures: one file to share), the figures (:mod:`~.plots`), ``report.json`` (the numbers, for scripts) and
@@ -32,6 +35,7 @@ import numpy as np
 
 from lstm_lab.analysis import data as study_data
 from lstm_lab.analysis import plots, stats
+from lstm_lab.analysis.odyssey import odyssey_comparison
 from lstm_lab.analysis.render import (DASH, Block, BulletList, Heading, Image, Link, Paragraph, Table, fmt, fmt_p,
                                       fmt_param, is_finite, to_html, to_markdown)
 from lstm_lab.sweep import space
@@ -113,12 +117,14 @@ def write_report(out_dir: str | pathlib.Path, st: StudyTable) -> pathlib.Path:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     numbers: dict[str, Any] = {}
+    tables: dict[str, pd.DataFrame] = {}  # the Welch (all trials) and fANOVA tables, for the Odyssey section
     blocks: list[Block] = []
     blocks += _summary(st)
     blocks += _variants_section(st)
     blocks += _distributions(st, out)
-    blocks += _welch_section(st, out, numbers)
-    blocks += _importance_section(st, out, numbers)
+    blocks += _welch_section(st, out, numbers, tables)
+    blocks += _importance_section(st, out, numbers, tables)
+    blocks += _odyssey_section(st, tables)
     blocks += _hyperparams(st, out)
     blocks += _curves(st, out)
     (st.trials if st.raw is None else st.raw).to_csv(out / "trials.csv", index=False)
@@ -208,7 +214,7 @@ def _none_if_nan(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
-def _welch_section(st: StudyTable, out: pathlib.Path, numbers: dict) -> list[Block]:
+def _welch_section(st: StudyTable, out: pathlib.Path, numbers: dict, tables: dict) -> list[Block]:
     blocks: list[Block] = [Heading("Welch's t-test against the baseline")]
     if st.baseline is None or st.baseline not in st.present:
         why = "no baseline is set" if st.baseline is None else f"the baseline {st.baseline} has no complete trials"
@@ -218,6 +224,7 @@ def _welch_section(st: StudyTable, out: pathlib.Path, numbers: dict) -> list[Blo
     top = {v: stats.top_fraction(x, st.direction) for v, x in st.values.items()}
     results = {"all": stats.welch_vs_baseline(st.values, st.baseline, direction=st.direction),
                "top": stats.welch_vs_baseline(top, st.baseline, direction=st.direction)}
+    tables["welch"] = results["all"]
     better = "lower" if st.sign > 0 else "higher"
     blocks.append(Paragraph(
         f"Each variant's {st.metric} against the baseline {st.baseline} with Welch's unequal-variance t-test "
@@ -248,12 +255,13 @@ def importance(st: StudyTable) -> pd.DataFrame:
                                    metric=st.metric)
 
 
-def _importance_section(st: StudyTable, out: pathlib.Path, numbers: dict) -> list[Block]:
+def _importance_section(st: StudyTable, out: pathlib.Path, numbers: dict, tables: dict) -> list[Block]:
     blocks: list[Block] = [Heading("Hyperparameter importance (fANOVA)")]
     try:
         imp = importance(st)
     except Exception as e:  # noqa: BLE001 - e.g. optuna missing: the report goes on
         return blocks + [Paragraph(f"Skipped: {type(e).__name__}: {e}")]
+    tables["importance"] = imp
     blocks.append(Paragraph(
         "Share of the variance of the metric explained by each hyperparameter alone (fANOVA main effects, "
         "optuna's FanovaImportanceEvaluator(seed=0), normalised to sum to 1 per column), over all complete "
@@ -274,6 +282,11 @@ def _importance_section(st: StudyTable, out: pathlib.Path, numbers: dict) -> lis
     if notes:
         blocks.append(BulletList(notes))
     return blocks
+
+
+def _odyssey_section(st: StudyTable, tables: dict) -> list[Block]:
+    return [Heading("Beside the Odyssey's findings")] + odyssey_comparison(st, tables.get("welch"),
+                                                                            tables.get("importance"))
 
 
 def _hyperparams(st: StudyTable, out: pathlib.Path) -> list[Block]:
