@@ -3,7 +3,8 @@
 The modules, in the order of the data: :mod:`~.data` (a study's trials as one typed table, read through
 :mod:`lstm_lab.sweep.results`), :mod:`~.stats` (top 10%, Welch's t-test against the baseline, fANOVA
 importance: arrays and tables in, tables out), :mod:`~.plots` (data in, a matplotlib Figure out),
-:mod:`~.render` (Markdown and HTML) and :mod:`~.report` (the report: :func:`~.report.report`)::
+:mod:`~.render` (Markdown and HTML), :mod:`~.odyssey` (the study beside the Odyssey paper's findings) and
+:mod:`~.report` (the report: :func:`~.report.report`)::
 
     from lstm_lab.analysis import data, plots, stats
     st = data.load("studies/quick")
@@ -14,4 +15,4 @@ The analysis imports the sweep (never the other way). pandas, scipy, optuna and 
 functions that need them (matplotlib by :mod:`~.plots` only).
 """
 
-__all__ = ["data", "stats", "plots", "render", "report"]
+__all__ = ["data", "stats", "plots", "render", "odyssey", "report"]
