@@ -77,6 +77,13 @@ ROWS = [
     ("sample from no run", ["sample", "run"], 2, "is not a run directory"),
     ("demo --steps 0", ["demo", "--steps", "0"], 2, "--steps: must be an integer >= 1; got 0"),
     ("data: unknown task", ["data", "coppy"], 2, "Did you mean 'copy'"),
+    ("music: missing file", ["data", "music", "--path", "{inputs}/none.json"], 2, "none.json' does not exist"),
+    ("music: pitch out of range", ["data", "music", "--path", "{inputs}/bad_music.json"], 2,
+     "train piece 0, step 1: pitch 12 is outside the piano's MIDI 21..108"),
+    ("--import of no module", ["data", "copy", "--import", "no_such_tasks_module"], 2,
+     "--import 'no_such_tasks_module': No module named"),
+    ("eval_every_epochs on a stream", _train("train.eval_every_epochs=1"), 2,
+     "train.eval_every_epochs=1.0 needs a task of a finite set of sequences"),
     ("status of no study", ["status", "study"], 2, "is not a study directory"),
 ]
 
@@ -91,6 +98,7 @@ def inputs(tmp_path):
     d = tmp_path / "inputs"
     d.mkdir()
     (d / "text.txt").write_text("to be or not to be, that is the question\n" * 40)
+    (d / "bad_music.json").write_text('{"train": [[[60], [12]]], "valid": [[[60], [62]]], "test": [[[60], [62]]]}')
     (d / "broken.py").write_text("overrides = {\n    'model.hidden_size': 8,\n    'train.steps' 5,\n}\n")
     (d / "raises.py").write_text("x = 1\ny = x / 0\noverrides = {}\n")
     (d / "broken_study.py").write_text("from lstm_lab.sweep import *\n\nstudy = Study(name='x' base={})\n")
@@ -121,7 +129,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(argv, code, phrase, inpu
     assert len(lines) == 1, err
     assert sorted(p.name for p in work.iterdir()) == [], "a bad input wrote files"
     assert sorted(p.name for p in inputs.iterdir()) == sorted(
-        ["text.txt", "broken.py", "raises.py", "broken_study.py", "bad_base_study.py", "bad_space_study.py"])
+        ["text.txt", "broken.py", "raises.py", "broken_study.py", "bad_base_study.py", "bad_space_study.py", "bad_music.json"])
 
 
 @pytest.mark.parametrize("kwargs, phrase", [
