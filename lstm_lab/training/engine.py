@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import jax
@@ -226,17 +225,6 @@ def fit(engine: Engine, members: list[Member], ckpts: list[Checkpoints], state: 
         meta = {**members[m].meta, "step": step, "wall_seconds": time.perf_counter() - start_wall, **(extra or {})}
         ckpts[m].save(which, step, engine.take({"params": params, "opt_state": opt_state, "carry": carry}, m), meta)
 
-    pool = ThreadPoolExecutor(min(K, 8), thread_name_prefix="lstm_lab-save") if K > 1 else None
-
-    def each(items, fn) -> None:
-        """``fn`` of every item; a population's members' checkpoints are written in parallel (orbax spends most of
-        a small save waiting on its own threads), and all are written before the loop goes on."""
-        if pool is None:
-            for item in items:
-                fn(item)
-        else:
-            list(pool.map(fn, items))
-
     batches = prefetch(engine.batches(step), size=4)
     try:
         with StopOnInterrupt(log) as stop:
@@ -273,8 +261,10 @@ def fit(engine: Engine, members: list[Member], ckpts: list[Checkpoints], state: 
                     if not quiet and not engine.stacked:
                         text = f"step {step}/{t.steps}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in valid[0].items())
                         bar.write(text) if bar is not None else log(text)
-                    each([("best", i) for i in range(K) if improved[i]] + [("last", i) for i in range(K)],
-                         lambda job: save(*job))
+                    for i in range(K):
+                        if improved[i]:
+                            save("best", i)
+                        save("last", i)
                     last_saved = step
                 for cb in callbacks:
                     cb(step)
@@ -282,8 +272,9 @@ def fit(engine: Engine, members: list[Member], ckpts: list[Checkpoints], state: 
                     if last_saved != step:
                         losses = _losses(pending)
                         if np.isfinite(losses).all():  # else the resume shows the divergence
-                            each(range(K), lambda i: save("last", i, {"pending_losses": [
-                                (s, float(v)) for (s, _), v in zip(pending, losses[:, i])]}))
+                            for i in range(K):
+                                save("last", i, {"pending_losses": [(s, float(v)) for (s, _), v in
+                                                                    zip(pending, losses[:, i])]})
                             last_saved = step
                     raise TrainingInterrupted(members[0].wd, step, last_saved)
     except BaseException as e:
@@ -294,19 +285,12 @@ def fit(engine: Engine, members: list[Member], ckpts: list[Checkpoints], state: 
         raise
     finally:
         batches.close()
-        if pool is not None:
-            pool.shutdown()
         if bar is not None:
             bar.close()
     wall = time.perf_counter() - start_wall
     # the best checkpoint of each member (a member without one keeps a placeholder and reports no scores)
     current = {"params": params, "opt_state": opt_state, "carry": carry}
-    best_of = lambda i: ckpts[i].restore("best", engine.take(current, i))  # noqa: E731
-    if K == 1:
-        bests = [best_of(0)]
-    else:
-        with ThreadPoolExecutor(min(K, 8)) as restore_pool:
-            bests = list(restore_pool.map(best_of, range(K)))
+    bests = [ckpts[i].restore("best", engine.take(current, i)) for i in range(K)]
     valid = test = [None] * K
     if any(b is not None for b in bests):
         best_params = engine.put_repl(engine.stack([engine.take(params, i) if b is None else b[0]["params"]
