@@ -67,7 +67,7 @@ def study_status(study_dir, *, storage: str | None = None, ostudy=None) -> dict:
     rec = info["study"]
     sign = 1 if rec["direction"] == "minimize" else -1
     variants: dict[str, dict] = {(v if isinstance(v, str) else v["name"]): None for v in rec["variants"]}
-    walls, failed_trials, dead_trials = [], [], []
+    walls, failed_trials, dead_trials, workers_seen = [], [], [], set()
     here, stale = host(), None
     for slot, t in sorted(_slot_trials(ostudy).items()):
         name = t.user_attrs.get("variant", slot.split("/")[0])
@@ -84,6 +84,8 @@ def study_status(study_dir, *, storage: str | None = None, ostudy=None) -> dict:
             if why:
                 key = "dead"
                 dead_trials.append({"number": t.number, "slot": slot, "variant": name, "why": why})
+            else:  # a population's K running trials are one worker's
+                workers_seen.add((t.user_attrs.get("host"), t.user_attrs.get("pid", t.number)))
         if key in ("failed", "diverged"):
             failed_trials.append({"number": t.number, "slot": slot, "variant": name, "status": st,
                                   "error": first_error_line(t.user_attrs.get("error"))})
@@ -103,7 +105,7 @@ def study_status(study_dir, *, storage: str | None = None, ostudy=None) -> dict:
                                                                "running", "dead", "waiting")}
     done = tot["done"]
     left = tot["planned"] - done
-    workers = max(1, tot["running"])
+    workers = max(1, len(workers_seen))  # wall per trial is already per population member
     eta = (sum(walls) / len(walls)) * left / workers if walls and left else (0.0 if not left else None)
     bests = [v["best"] for v in variants.values() if v["best"] is not None]
     best = (min(bests) if sign > 0 else max(bests)) if bests else None
