@@ -18,6 +18,11 @@ def json_default(o):
     return str(o)
 
 
+def as_json(data):
+    """``data`` as it reads back from JSON (tuples become lists, NumPy scalars numbers, anything else ``str``)."""
+    return json.loads(json.dumps(data, default=json_default))
+
+
 def atomic_json(path: pathlib.Path, data) -> None:
     """Write ``data`` as JSON to ``path`` so that a reader (or a crash) never sees half a file."""
     path = pathlib.Path(path)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lstm_lab._io import json_default
+from lstm_lab._io import as_json
 
 __all__ = ["Checkpoints", "CorruptCheckpoint", "named_arrays", "checkpoint_steps", "FORMAT"]
 
@@ -127,7 +127,7 @@ class Checkpoints:
         meta = {**meta, "format": FORMAT, "checksums": {k: _digest(v) for k, v in arrays.items()}}
         mgr.save(step, args=self.ocp.args.Composite(
             state=self.ocp.args.StandardSave(_nest(arrays)),
-            meta=self.ocp.args.JsonSave(json.loads(json.dumps(meta, default=json_default)))))
+            meta=self.ocp.args.JsonSave(as_json(meta))))
         mgr.wait_until_finished()
 
     def _load(self, which: str, step: int, template: dict) -> tuple[dict, dict]:

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 import lstm_lab
-from lstm_lab._io import FileLock, LockBusy, atomic_json, json_default
+from lstm_lab._io import FileLock, LockBusy, as_json, atomic_json, json_default
 from lstm_lab.config import Config, cell_from_config, to_dict
 from lstm_lab.distributed import is_primary
 from lstm_lab.training.checkpoints import checkpoint_steps
@@ -82,10 +82,6 @@ def _git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _normalized(d):
-    return json.loads(json.dumps(d, default=json_default))
 
 
 class Metrics:
@@ -312,9 +308,9 @@ def prepare_workdir(workdir: pathlib.Path, record: dict, force: bool, log) -> No
     cfile = workdir / "config.json"
     if cfile.exists():
         stored = json.loads(cfile.read_text()).get("config")
-        if _normalized(stored) != _normalized(record["config"]):
-            a = {f"{s}.{k}": v for s, sec in (_normalized(stored) or {}).items() for k, v in sec.items()}
-            b = {f"{s}.{k}": v for s, sec in _normalized(record["config"]).items() for k, v in sec.items()}
+        if as_json(stored) != as_json(record["config"]):
+            a = {f"{s}.{k}": v for s, sec in (as_json(stored) or {}).items() for k, v in sec.items()}
+            b = {f"{s}.{k}": v for s, sec in as_json(record["config"]).items() for k, v in sec.items()}
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             failed = _previous_failed_without_checkpoints(workdir)
             _sync("lstm_lab_prepare_workdir")  # every process has read the old run before process 0 moves it
