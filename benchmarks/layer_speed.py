@@ -248,9 +248,11 @@ def machine_facts(args) -> dict:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and "cpu_model" not in facts:
                     facts["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
+                if line.startswith("flags") and "cpu_simd_flags" not in facts:  # what the native kernel compiles for
+                    facts["cpu_simd_flags"] = " ".join(sorted(f for f in line.split(":", 1)[1].split()
+                                                              if f.startswith(("avx", "fma", "sse4", "amx"))))
     except OSError:
         pass
     try:
@@ -365,6 +367,9 @@ def main(argv=None):
     ap.add_argument("--block-k", type=int, default=64, help="pallas with --block-h: contraction chunk")
     ap.add_argument("--num-warps", type=int, help="pallas: Triton warps per program (default: the kernel's, 8)")
     ap.add_argument("--repeats", type=int, default=20, help="timed runs; the median is reported")
+    ap.add_argument("--settle-ms", type=float, default=20.0,
+                    help="pause before each timed run (untimed): torch's OpenMP threads spin-wait for a while after "
+                         "a step and slowed whichever candidate ran next by up to 1.4x (seen on 2 cores)")
     ap.add_argument("--unroll", type=int, default=1, help="scan unroll (lstm_lab and flax)")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
                     help="torch.set_num_threads (default os.cpu_count(); see the note on shared machines)")
@@ -428,7 +433,7 @@ def main(argv=None):
     have_flax = "flax" not in skip
 
     facts = machine_facts(args)
-    log(f"# {facts['backend']} ({facts['device_kind']}{', ' + facts['cpu_model'] if 'cpu_model' in facts else ''}), "
+    log(f"# {facts['backend']} ({facts['device_kind']}{', ' + facts['cpu_model'] if 'cpu_model' in facts else ''}; {facts.get('cpu_simd_flags', '')}), "
         f"{facts['cpu_count']} cpus; jax {facts['jax']}, flax {facts['flax']}, torch {facts['torch']}; "
         f"impls {impls}; repeats {args.repeats}, unroll {args.unroll}; matmul precision {args.matmul_precision}"
         + (f"; pallas {kernel_options}" if "pallas" in impls else ""))
@@ -488,6 +493,8 @@ def main(argv=None):
             times = [[] for _ in ready]
             for _ in range(args.repeats):
                 for k, (_, _, fn, *_rest) in enumerate(ready):
+                    if args.settle_ms:  # torch's OpenMP threads spin-wait after a step: let them sleep first
+                        time.sleep(args.settle_ms / 1e3)
                     t0 = time.perf_counter()
                     fn()
                     times[k].append(time.perf_counter() - t0)

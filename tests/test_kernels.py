@@ -243,11 +243,12 @@ def test_scan_vjp_rejects_other_families():
 # The registry
 # ---------------------------------------------------------------------------
 def test_builtin_kernels_and_their_options():
-    assert lstm_lab.recurrent.IMPLS == kernels.IMPLS == ("auto", "scan", "scan_vjp", "pallas")
+    assert lstm_lab.recurrent.IMPLS == kernels.IMPLS == ("auto", "scan", "scan_vjp", "pallas", "native")
     assert kernels.get("scan").options == ("unroll",) and kernels.get("scan").trace is not None
     assert kernels.get("scan_vjp").options == ("unroll", "remat") and not kernels.get("scan_vjp").forward_mode
     assert kernels.get("pallas").trace is None and "block_b" in kernels.get("pallas").options
-    with pytest.raises(ValueError, match=r"unknown impl 'cudnn'; expected one of auto, scan, scan_vjp, pallas"):
+    assert kernels.get("native").options == () and not kernels.get("native").forward_mode
+    with pytest.raises(ValueError, match=r"unknown impl 'cudnn'; expected one of auto, scan, scan_vjp, pallas, native"):
         kernels.get("cudnn")
 
 
@@ -255,7 +256,13 @@ def test_auto_impl_table():
     from lstm_lab.recurrent import resolve_impl
 
     lstm, gru = lstm_lab.cells.VARIANTS["vanilla"], lstm_lab.cells.VARIANTS["gru"]
-    assert resolve_impl("auto", lstm, "cpu") == "scan_vjp" and resolve_impl("auto", gru, "cpu") == "scan"
+    from lstm_lab.kernels import native
+
+    assert native.available()  # the CPU has a compiler here (tests/test_native.py: when it has none)
+    assert resolve_impl("auto", lstm, "cpu") == "native" and resolve_impl("auto", gru, "cpu") == "native"
+    # a compute dtype the native kernel does not take: the next entry (the LSTM family), else the scan
+    assert resolve_impl("auto", lstm, "cpu", dtype=jnp.bfloat16) == "scan_vjp"
+    assert resolve_impl("auto", gru, "cpu", dtype=jnp.bfloat16) == "scan"
     assert resolve_impl("auto", lstm, "gpu") == "scan" and resolve_impl("scan", lstm, "cpu") == "scan"
 
 

@@ -18,6 +18,7 @@ name           module                                      what
                                                            every cell, every dtype, gate traces
 ``scan_vjp``   :mod:`lstm_lab.kernels.scan_vjp`            the same forward, a custom VJP (LSTM family)
 ``pallas``     :mod:`lstm_lab.kernels.pallas`              one fused Pallas kernel launch (Triton on GPU)
+``native``     :mod:`lstm_lab.kernels.native`              the time loop in C++ (XLA FFI, CPU), every cell
 =============  ==========================================  ===============================================
 
 ``impl="auto"`` runs what :data:`AUTO_IMPL` says for the backend and cell family (else :data:`DEFAULT`).
@@ -28,7 +29,7 @@ imports no kernel, and Pallas is imported only when the Pallas kernel runs.
 >>> from lstm_lab import kernels
 >>> from lstm_lab.cells import VARIANTS
 >>> kernels.names()
-('scan', 'scan_vjp', 'pallas')
+('scan', 'scan_vjp', 'pallas', 'native')
 >>> print(kernels.impl_unsupported("scan_vjp", VARIANTS["gru"], 8))
 impl='scan_vjp' supports the LSTM family; 'gru' is a gru (use impl='scan' or 'auto').
 """
@@ -50,17 +51,23 @@ _BUILTIN = {
     "scan": "lstm_lab.kernels.scan",
     "scan_vjp": "lstm_lab.kernels.scan_vjp",
     "pallas": "lstm_lab.kernels.pallas",
+    "native": "lstm_lab.kernels.native",
 }
 _LOADED: dict[str, "Kernel"] = {}
 
 DEFAULT = "scan"  # runs every cell, dtype and backend, and returns gate traces: what "auto" falls back to
 
-# What impl="auto" runs, per backend and cell family, from benchmarks/layer_speed.py
-# (benchmarks/NOTES.md, "impl=auto"): on the CPU scan_vjp is as fast or faster than scan for the
-# LSTM family at every anchor shape (-27% at T/B/H 100/32/128, -14% at 1000/1/64, -1 to -4% at
-# H = 256/512; FGR equal). GPU/TPU: not measured yet, so the plain scan. An entry falls back to
-# DEFAULT where its kernel cannot run (hidden size, dtype).
-AUTO_IMPL = {("cpu", "lstm"): "scan_vjp"}
+# What impl="auto" runs, per backend and cell family, from benchmarks/layer_speed.py (benchmarks/NOTES.md,
+# "impl=auto"): an implementation, or several in order of preference, the first that can run the cell at that
+# size and dtype being taken (else DEFAULT). CPU: the native kernel is the fastest for every family at every
+# anchor shape (NOTES, "native kernel"); where it cannot run (no compiler, bfloat16), scan_vjp for the LSTM
+# family (as fast or faster than the scan at every anchor). GPU/TPU: not measured yet, so the plain scan.
+AUTO_IMPL: dict[tuple[str, str], "str | tuple[str, ...]"] = {
+    ("cpu", "lstm"): ("native", "scan_vjp"),
+    ("cpu", "gru"): "native",
+    ("cpu", "mgu"): "native",
+    ("cpu", "rnn"): "native",
+}
 
 
 def _supports_everything(spec, hidden_size, **_) -> None:
@@ -176,9 +183,11 @@ def resolve_impl(impl: str, spec, backend: str | None = None, *, hidden_size: in
         return impl
     backend = backend or jax.default_backend()
     chosen = AUTO_IMPL.get((backend, spec.family), DEFAULT)
-    if get(chosen).unsupported(spec, hidden_size or 1, dtype=dtype, param_dtype=None, backend=backend, options={}):
-        return DEFAULT
-    return chosen
+    for name in (chosen,) if isinstance(chosen, str) else chosen:
+        if not get(name).unsupported(spec, hidden_size or 1, dtype=dtype, param_dtype=None, backend=backend,
+                                     options={}):
+            return name
+    return DEFAULT
 
 
 def resolve(impl: str, spec, *, hidden_size: int, dtype=None, backend: str | None = None,
