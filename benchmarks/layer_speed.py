@@ -19,8 +19,9 @@ included, batch-major ``x [B, T, H]``. JAX sides run ``jax.jit(jax.value_and_gra
 on ``nnx.split`` parameters; torch runs forward + ``.backward()`` with
 ``torch.set_num_threads(os.cpu_count())`` (``--torch-threads``). Each time is the median of ``--repeats`` runs after
 compilation + 2 warm-up runs, each run synchronised (``jax.block_until_ready``). Within one
-(shape, dtype) the timed runs are interleaved, one of each candidate per round, so that drifting
-load from other processes falls on all of them alike.
+(shape, dtype) the candidates take turns, so that drifting load from other processes falls on all of
+them alike: each turn is one untimed run, then ``--block`` (2) timed ones (the untimed run absorbs
+what the previous candidate leaves behind, e.g. torch's spin-waiting OpenMP threads).
 
 Output, one line per measurement: ``T B H dtype impl cell ms ratio vs_lstm`` where
 
@@ -238,6 +239,7 @@ def machine_facts(args) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "repeats": args.repeats,
+        "block": args.block,
         "unroll": args.unroll,
         "matmul_precision": args.matmul_precision,
         "pallas_block_b": args.block_b,
@@ -367,9 +369,8 @@ def main(argv=None):
     ap.add_argument("--block-k", type=int, default=64, help="pallas with --block-h: contraction chunk")
     ap.add_argument("--num-warps", type=int, help="pallas: Triton warps per program (default: the kernel's, 8)")
     ap.add_argument("--repeats", type=int, default=20, help="timed runs; the median is reported")
-    ap.add_argument("--settle-ms", type=float, default=20.0,
-                    help="pause before each timed run (untimed): torch's OpenMP threads spin-wait for a while after "
-                         "a step and slowed whichever candidate ran next by up to 1.4x (seen on 2 cores)")
+    ap.add_argument("--block", type=int, default=2,
+                    help="timed runs per visit of a candidate, after one untimed run (candidates take turns)")
     ap.add_argument("--unroll", type=int, default=1, help="scan unroll (lstm_lab and flax)")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
                     help="torch.set_num_threads (default os.cpu_count(); see the note on shared machines)")
@@ -491,13 +492,17 @@ def main(argv=None):
             # Timed runs interleaved (one of each per round), so that load from other processes,
             # which drifts over seconds, falls on every candidate of the group alike.
             times = [[] for _ in ready]
-            for _ in range(args.repeats):
+            # Each visit starts with one untimed run: torch's OpenMP threads spin-wait for a while after a step and
+            # slowed whichever candidate ran next by up to 1.4x (2 cores); the untimed run absorbs that, for every
+            # candidate alike (a pause instead let torch's threads fall asleep, and waking them cost torch 40%).
+            per_visit = max(1, args.block)
+            for _ in range(-(-args.repeats // per_visit)):
                 for k, (_, _, fn, *_rest) in enumerate(ready):
-                    if args.settle_ms:  # torch's OpenMP threads spin-wait after a step: let them sleep first
-                        time.sleep(args.settle_ms / 1e3)
-                    t0 = time.perf_counter()
                     fn()
-                    times[k].append(time.perf_counter() - t0)
+                    for _ in range(per_visit):
+                        t0 = time.perf_counter()
+                        fn()
+                        times[k].append(time.perf_counter() - t0)
             med = {(impl, cell): 1e3 * statistics.median(times[k]) for k, (impl, cell, *_r) in enumerate(ready)}
             for impl, cell, _, ref, is_ref, is_lstm in ready:
                 ms = med[(impl, cell)]

@@ -215,8 +215,10 @@ def _core_fwd(spec, H, R, Rg, peep, bhn, xp, h0, c0, g0, mask):
     return out, (R, Rg, peep, bhn, mask, ph, pc, pg, acts)
 
 
-def _mm(a, b):  # sum over time and batch: a [T, B, m]^T @ b [T, B, n] -> [m, n]
-    return jnp.einsum("tbm,tbn->mn", a, b)
+def _mm(a, b):
+    """Sum over time and batch: ``a [T, B, m]^T @ b [T, B, n] -> [m, n]``, as one matmul of the flattened arrays
+    (an einsum here compiled to a transposing copy of both operands first: 1.4 + 2.1 ms at T/B/H 100/32/256)."""
+    return jnp.matmul(a.reshape(-1, a.shape[-1]).T, b.reshape(-1, b.shape[-1]))
 
 
 def _core_bwd(spec, H, res, cts):
