@@ -104,7 +104,7 @@ class ModelConfig(_Section):
     chrono_init: float = 0.0  # T_max for chrono initialisation (> 2); 0 = off
     unroll: int = 1  # lax.scan unroll factor
     dtype: Literal[DTYPES] = "float32"  # compute dtype
-    impl: Literal[IMPLS] = "auto"  # the recurrence: auto (the fastest measured here), scan, scan_vjp, pallas (GPU)
+    impl: Literal[IMPLS] = "auto"  # the recurrence: auto (the fastest measured), scan, scan_vjp, pallas, native
 
     def _check(self):
         from lstm_lab.recurrent import chrono_unsupported, impl_unsupported

@@ -314,7 +314,8 @@ class RNN(nnx.Module):
         with a custom backward that keeps the weight gradients out of the loop),
         ``"pallas"`` (every cell: the whole loop in one Pallas kernel launch,
         forward and backward; Triton on GPU, interpret mode elsewhere; see
-        :mod:`lstm_lab.kernels.pallas`), or one added by
+        :mod:`lstm_lab.kernels.pallas`), ``"native"`` (CPU, float32: the loop in
+        C++ behind the XLA FFI, :mod:`lstm_lab.kernels.native`), or one added by
         :func:`lstm_lab.kernels.register`.
       remat: with ``scan_vjp``, save only the step inputs and recompute the
         recurrent product in the backward (less memory for long sequences).
