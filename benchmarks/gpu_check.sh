@@ -1,34 +1,86 @@
 #!/usr/bin/env bash
-# The GPU checks of impl="pallas", each part meant to fit one device call (10 minutes; not yet run on a GPU,
-# so the sizes are estimates), from the repo root:
+# The GPU check of impl="pallas" as ONE run that ends within 8 minutes (a device call may last 10; the session
+# has 15 in all, start-up included). From the repo root, on the GPU machine:
 #
-#   bash benchmarks/gpu_check.sh tests|speed|fgr|split16 [OUTDIR]   # OUTDIR default: $OUT, else benchmarks/results
+#   bash benchmarks/gpu_check.sh                 # writes everything under $OUT (else benchmarks/results/gpu)
+#   bash benchmarks/gpu_check.sh --dry-run       # on a CPU: the same steps at a tiny size, Pallas in interpret mode
 #
-# tests:   tests/test_pallas.py and the pallas cases of tests/test_kernels.py on the GPU: the kernels compiled
-#          by Triton (not interpret mode) against the scan and the float64 reference, float32 matmuls at "highest"
-#          precision (the test modules pin it), bf16 as in CI.
-# speed:   benchmarks/layer_speed.py at the six GPU anchors with the kernel's own plan (whole H in one program
-#          where the weights fit, else H split across programs): scan, scan_vjp, pallas, torch's cuDNN LSTM/GRU
-#          (and tanh RNN) and jax.experimental.rnn, float32 (TF32 allowed: --matmul-precision default) and bfloat16.
-# fgr:     the same for FGR (its split kernel unrolls 13 weight matrices per chunk: slow to compile at H=1024).
-# split16: the large-H anchors with 16 hidden columns per program set by hand, to compare with the plan.
-# Needs jax with CUDA, flax, optax, torch; not optuna (the layer never imports it). lstm_lab runs from the
-# checkout (PYTHONPATH): nothing is installed.
+# 1. correctness (at most 120 s): tests/test_kernels.py's pallas cases (every cell: lstm, vanilla, cifg, fgr,
+#    the ablations, gru in both forms, mgu, rnn; forward, gradients, lengths, reverse; float32) and
+#    tests/test_pallas.py (whole-H and split schedules, bf16, populations), compiled by Triton, one line per
+#    test in the log as it goes;
+# 2. speed (until 7 min): benchmarks/layer_speed.py at the six GPU anchors, float32 (TF32 allowed:
+#    --matmul-precision default) and bfloat16, lstm/vanilla/cifg/gru with scan, scan_vjp, pallas against
+#    torch's cuDNN, jax.experimental.rnn and Flax; medians of 20 synchronised runs; the JSON is rewritten after
+#    every (shape, dtype) group and groups that no longer fit are skipped (listed in the JSON);
+# 3. if time is left: FGR and MGU at two anchors;
+# each speed part ends with the AUTO_IMPL lines its rows support.
+# Every part checks the elapsed time first and runs under `timeout`, so the script ends by 8 minutes whatever
+# happens. Needs jax with CUDA, flax, optax, torch; not optuna (the layer never imports it). lstm_lab runs
+# from the checkout (PYTHONPATH): nothing is installed.
 set -uo pipefail
-part=${1:?usage: gpu_check.sh tests|speed|fgr|split16 [OUTDIR]}
-out=${2:-${OUT:-benchmarks/results}}
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+out=${1:-${OUT:-benchmarks/results/gpu}}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-log="$out/gpu_check_$part.log"
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"; } 2>&1 | tee "$log"
-speed="python3 benchmarks/layer_speed.py --impls scan,scan_vjp,pallas --dtypes float32,bfloat16 --repeats 20 --markdown"
-case $part in
-  tests) python3 -m pytest -q -p no:cacheprovider -o addopts="" --durations=5 tests/test_pallas.py \
-           tests/test_kernels.py -k "pallas and not integration" 2>&1 | tee -a "$log" ;;
-  speed) $speed --cells lstm,vanilla,cifg,gru,rnn --out "$out/layer_speed_gpu.json" 2>&1 | tee -a "$log" ;;
-  fgr) $speed --cells lstm,fgr --skip flax --out "$out/layer_speed_gpu_fgr.json" 2>&1 | tee -a "$log" ;;
-  split16) $speed --cells lstm,vanilla --skip flax --shapes 128x64x512,128x64x1024,128x256x1024 --block-b 64 \
-             --block-h 16 --out "$out/layer_speed_gpu_split16.json" 2>&1 | tee -a "$log" ;;
-  *) echo "unknown part $part: expected tests, speed, fgr or split16" >&2; exit 2 ;;
-esac
+log="$out/gpu_check.log"
+LIMIT=${GPU_CHECK_LIMIT:-480}   # seconds for the whole script
+SECONDS=0
+say() { echo "[gpu_check ${SECONDS}s] $*" | tee -a "$log"; }
+left() { echo $((LIMIT - SECONDS)); }
+
+if [ $dry = 1 ]; then
+  # tiny and on the CPU: the steps and their arguments, not the numbers
+  tests_k="pallas and (lstm or gru) and float32"
+  speed_args=(--shapes 6x4x16 --dtypes float32 --repeats 2 --skip torch,flax,cudnn)
+  extra_args=(--shapes 6x4x16 --dtypes float32 --repeats 2 --skip torch,flax,cudnn)
+else
+  tests_k="pallas"
+  speed_args=(--dtypes float32,bfloat16 --repeats 20)
+  extra_args=(--shapes 128x64x512,1000x1x128 --dtypes float32,bfloat16 --repeats 20 --skip flax)
+fi
+
+: > "$log"
+say "start (limit ${LIMIT}s, dry run: $dry)"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
+  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>/dev/null \
+    || echo "no torch"; } 2>&1 | tee -a "$log"
+
+# 1. correctness
+budget=$(( $(left) - 300 )); [ $budget -gt 120 ] && budget=120
+if [ $budget -ge 30 ]; then
+  say "1. correctness: pytest (timeout ${budget}s)"
+  timeout --signal=INT --kill-after=10 $budget python3 -m pytest -v -p no:cacheprovider -o addopts="" \
+    tests/test_kernels.py tests/test_pallas.py -m "not integration or slow" -k "$tests_k" 2>&1 \
+    | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|error|Error" | tee -a "$log"
+  say "1. correctness: done (exit ${PIPESTATUS[0]}; 124 or 130: stopped by its time limit)"
+else
+  say "1. correctness: skipped (${budget}s left for it)"
+fi
+
+# 2. speed
+budget=$(( $(left) - 45 ))
+if [ $budget -ge 60 ]; then
+  say "2. speed: layer_speed at the anchors (deadline $((budget - 40))s, timeout ${budget}s)"
+  timeout --signal=INT --kill-after=10 $budget python3 benchmarks/layer_speed.py --impls scan,scan_vjp,pallas \
+    --cells lstm,vanilla,cifg,gru "${speed_args[@]}" --deadline $((budget - 40)) --markdown \
+    --out "$out/layer_speed_gpu.json" 2>&1 | tee -a "$log"
+  say "2. speed: done (exit ${PIPESTATUS[0]})"
+else
+  say "2. speed: skipped (${budget}s left for it)"
+fi
+
+# 3. FGR and MGU, if time is left
+budget=$(( $(left) - 15 ))
+if [ $budget -ge 45 ]; then
+  say "3. fgr, mgu (deadline $((budget - 30))s, timeout ${budget}s)"
+  timeout --signal=INT --kill-after=10 $budget python3 benchmarks/layer_speed.py --impls scan,pallas \
+    --cells fgr,mgu "${extra_args[@]}" --deadline $((budget - 30)) --markdown \
+    --out "$out/layer_speed_gpu_fgr_mgu.json" 2>&1 | tee -a "$log"
+  say "3. fgr, mgu: done (exit ${PIPESTATUS[0]})"
+else
+  say "3. fgr, mgu: skipped (${budget}s left)"
+fi
+say "end; files: $(ls "$out" | tr '\n' ' ')"

@@ -377,7 +377,10 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="comma-separated references to leave out: torch,flax,cudnn")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: first CPU anchor, cells lstm,gru,cifg, float32, repeats 5")
-    ap.add_argument("--out", help="write {machine, rows} as JSON")
+    ap.add_argument("--out", help="write {machine, rows} as JSON (rewritten after every (shape, dtype) group)")
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="seconds: start no new (shape, dtype) group after this long (0: no limit); the groups "
+                         "left out are noted and listed in the JSON")
     ap.add_argument("--markdown", action="store_true", help="also print Markdown tables (one per dtype)")
     args = ap.parse_args(argv)
 
@@ -465,8 +468,20 @@ def main(argv=None):
                 traceback.print_exc()
             return None
 
+    def write_json():
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            tmp = args.out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"machine": facts, "rows": rows}, f, indent=2)
+            os.replace(tmp, args.out)
+
     for (T, B, H) in shapes:
         for dtype in dtypes:
+            if args.deadline and time.perf_counter() - t_start > args.deadline:
+                note(f"T={T} B={B} H={H} {dtype} skipped: past --deadline {args.deadline:g} s")
+                facts.setdefault("skipped_by_deadline", []).append([T, B, H, dtype])
+                continue
             # (impl, cell, make, torch reference key, is the torch reference, is the vs_lstm reference)
             todo = []
             if have_torch:
@@ -515,6 +530,7 @@ def main(argv=None):
                              "vs_lstm": None if vs is None else round(vs, 4)})
                 log(f"{T:>5} {B:>4} {H:>5} {dtype:<9} {impl:<8} {cell:<9} {ms:>10.2f} {fmt(ratio, '>7.2f')} "
                     f"{fmt(vs, '>8.2f')}")
+            write_json()  # after every group: a run stopped from outside keeps what it measured
     if have_flax and "bfloat16" in dtypes:
         note("flax OptimizedLSTMCell measured in float32 only")
 
@@ -541,9 +557,7 @@ def main(argv=None):
         for line in auto_lines:
             log(line)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"machine": facts, "rows": rows}, f, indent=2)
+        write_json()
         log(f"# wrote {args.out}")
     return rows
 
