@@ -60,7 +60,7 @@ DEFAULT = "scan"  # runs every cell, dtype and backend, and returns gate traces:
 # What impl="auto" runs, per backend and cell family, from benchmarks/layer_speed.py (benchmarks/NOTES.md,
 # "impl=auto"): an implementation, or several in order of preference, the first that can run the cell at that
 # size and dtype being taken (else DEFAULT). CPU: the native kernel is the fastest for every family at every
-# anchor shape (NOTES, "native kernel"); where it cannot run (no compiler, bfloat16), scan_vjp for the LSTM
+# anchor shape (NOTES, session 9); where it cannot run (no compiler, bfloat16), scan_vjp for the LSTM
 # family (as fast or faster than the scan at every anchor). GPU/TPU: not measured yet, so the plain scan.
 AUTO_IMPL: dict[tuple[str, str], "str | tuple[str, ...]"] = {
     ("cpu", "lstm"): ("native", "scan_vjp"),
