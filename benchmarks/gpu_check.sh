@@ -60,27 +60,19 @@ else
   say "1. correctness: skipped (${budget}s left for it)"
 fi
 
-# 2. speed
-budget=$(( $(left) - 45 ))
-if [ $budget -ge 60 ]; then
-  say "2. speed: layer_speed at the anchors (deadline $((budget - 40))s, timeout ${budget}s)"
-  timeout --signal=INT --kill-after=10 $budget python3 benchmarks/layer_speed.py --impls scan,scan_vjp,pallas \
-    --cells lstm,vanilla,cifg,gru "${speed_args[@]}" --deadline $((budget - 40)) --markdown \
-    --out "$out/layer_speed_gpu.json" 2>&1 | tee -a "$log"
-  say "2. speed: done (exit ${PIPESTATUS[0]})"
-else
-  say "2. speed: skipped (${budget}s left for it)"
-fi
+# One layer_speed run: NAME, seconds to keep for what follows, the least worth starting, seconds of margin between
+# its --deadline and its timeout, then layer_speed's arguments (--out and --deadline added here)
+speed_part() {
+  local name=$1 reserve=$2 least=$3 margin=$4; shift 4
+  local budget=$(( $(left) - reserve ))
+  if [ $budget -lt $least ]; then say "$name: skipped (${budget}s left for it)"; return; fi
+  say "$name: layer_speed (deadline $((budget - margin))s, timeout ${budget}s)"
+  timeout --signal=INT --kill-after=10 $budget python3 benchmarks/layer_speed.py "$@" \
+    --deadline $((budget - margin)) --markdown --out "$out/layer_speed_gpu${name#speed}.json" 2>&1 | tee -a "$log"
+  say "$name: done (exit ${PIPESTATUS[0]})"
+}
 
-# 3. FGR and MGU, if time is left
-budget=$(( $(left) - 15 ))
-if [ $budget -ge 45 ]; then
-  say "3. fgr, mgu (deadline $((budget - 30))s, timeout ${budget}s)"
-  timeout --signal=INT --kill-after=10 $budget python3 benchmarks/layer_speed.py --impls scan,pallas \
-    --cells fgr,mgu "${extra_args[@]}" --deadline $((budget - 30)) --markdown \
-    --out "$out/layer_speed_gpu_fgr_mgu.json" 2>&1 | tee -a "$log"
-  say "3. fgr, mgu: done (exit ${PIPESTATUS[0]})"
-else
-  say "3. fgr, mgu: skipped (${budget}s left)"
-fi
+# 2. speed at the anchors; 3. FGR and MGU at two of them, if time is left
+speed_part speed 45 60 40 --impls scan,scan_vjp,pallas --cells lstm,vanilla,cifg,gru "${speed_args[@]}"
+speed_part speed_fgr_mgu 15 45 30 --impls scan,pallas --cells fgr,mgu "${extra_args[@]}"
 say "end; files: $(ls "$out" | tr '\n' ' ')"

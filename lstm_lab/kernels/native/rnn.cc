@@ -118,7 +118,7 @@ static void act_grad(int64_t act, const float* y, float* g, int n) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// GEMM against a packed matrix: C[M, Npad] = A[M, K] @ B (+ C), B packed into panels of PW columns
+// GEMM against a packed matrix: C[M, Npad] = A[M, K] @ B, B packed into panels of PW columns
 // ---------------------------------------------------------------------------------------------------------
 #if defined(__AVX512F__)
 constexpr int VL = 16;
@@ -163,10 +163,10 @@ static void pack_panels(const PackJob& job, int jp0, int jp1) {
 }
 
 template <int R>
-static inline void micro(const float* A, int lda, int K, const float* panel, float* C, int ldc, bool acc) {
+static inline void micro(const float* A, int lda, int K, const float* panel, float* C, int ldc) {
   vf c[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) c[r][v] = acc ? *reinterpret_cast<const vf*>(C + r * ldc + v * VL) : vf{};
+    for (int v = 0; v < NV; ++v) c[r][v] = vf{};
   for (int k = 0; k < K; ++k) {
     vf b[NV];
     for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const vf*>(panel + k * PW + v * VL);
@@ -180,10 +180,10 @@ static inline void micro(const float* A, int lda, int K, const float* panel, flo
 }
 
 // One row (B = 1, a GEMV): four independent accumulator sets over k, so that the FMA latency is hidden
-static inline void micro1(const float* A, int K, const float* panel, float* C, bool acc) {
+static inline void micro1(const float* A, int K, const float* panel, float* C) {
   vf c[4][NV];
   for (int s = 0; s < 4; ++s)
-    for (int v = 0; v < NV; ++v) c[s][v] = (acc && s == 0) ? *reinterpret_cast<const vf*>(C + v * VL) : vf{};
+    for (int v = 0; v < NV; ++v) c[s][v] = vf{};
   int k = 0;
   for (; k + 4 <= K; k += 4)
     for (int s = 0; s < 4; ++s)
@@ -194,25 +194,25 @@ static inline void micro1(const float* A, int K, const float* panel, float* C, b
     *reinterpret_cast<vf*>(C + v * VL) = (c[0][v] + c[1][v]) + (c[2][v] + c[3][v]);
 }
 
-static void gemm(const float* A, int lda, int M, const Packed& B, float* C, int ldc, bool acc) {
+static void gemm(const float* A, int lda, int M, const Packed& B, float* C, int ldc) {
   const int K = B.K;
   for (int jp = 0; jp < B.Npad / PW; ++jp) {
     const float* panel = B.data.data() + static_cast<size_t>(jp) * K * PW;
     float* Cp = C + jp * PW;
     int m = 0;
-    for (; m + MR <= M; m += MR) micro<MR>(A + m * lda, lda, K, panel, Cp + m * ldc, ldc, acc);
+    for (; m + MR <= M; m += MR) micro<MR>(A + m * lda, lda, K, panel, Cp + m * ldc, ldc);
     const float* Am = A + m * lda;
     float* Cm = Cp + m * ldc;
     switch (M - m) {
       case 0: break;
-      case 1: micro1(Am, K, panel, Cm, acc); break;
-      case 2: micro<2>(Am, lda, K, panel, Cm, ldc, acc); break;
-      case 3: micro<3>(Am, lda, K, panel, Cm, ldc, acc); break;
+      case 1: micro1(Am, K, panel, Cm); break;
+      case 2: micro<2>(Am, lda, K, panel, Cm, ldc); break;
+      case 3: micro<3>(Am, lda, K, panel, Cm, ldc); break;
 #if defined(__AVX512F__)
-      case 4: micro<4>(Am, lda, K, panel, Cm, ldc, acc); break;
-      case 5: micro<5>(Am, lda, K, panel, Cm, ldc, acc); break;
-      case 6: micro<6>(Am, lda, K, panel, Cm, ldc, acc); break;
-      case 7: micro<7>(Am, lda, K, panel, Cm, ldc, acc); break;
+      case 4: micro<4>(Am, lda, K, panel, Cm, ldc); break;
+      case 5: micro<5>(Am, lda, K, panel, Cm, ldc); break;
+      case 6: micro<6>(Am, lda, K, panel, Cm, ldc); break;
+      case 7: micro<7>(Am, lda, K, panel, Cm, ldc); break;
 #endif
     }
   }
@@ -332,7 +332,7 @@ struct Mats {  // one member's packed matrices
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 struct FwdIO {
-  const float *xp, *mask, *R, *Rg, *peep, *bhn, *h0, *c0, *g0;
+  const float *xp, *mask, *peep, *bhn, *h0, *c0, *g0;
   float *ys, *hT, *cT, *gT, *ph, *pc, *pg, *acts;
 };
 
@@ -361,9 +361,9 @@ static void forward_chunk(const Cell& c, const Mats& m, const FwdIO& io, int T, 
     float* act = io.acts + row0 * A;
 
     if (lstm) {
-      gemm(h.data(), H, Bc, m.R, S.data(), Spad, false);
+      gemm(h.data(), H, Bc, m.R, S.data(), Spad);
       if (c.has(FGR)) {
-        gemm(g.data(), c.G, Bc, m.Rg, S2.data(), m.Rg.Npad, false);
+        gemm(g.data(), c.G, Bc, m.Rg, S2.data(), m.Rg.Npad);
         for (int b = 0; b < Bc; ++b)
           for (int q = 0; q < c.k; ++q) {
             float* s = S.data() + b * Spad + c.rec_off[q];
@@ -428,7 +428,7 @@ static void forward_chunk(const Cell& c, const Mats& m, const FwdIO& io, int T, 
       }
     } else if (c.family == GRU) {
       const bool after = c.has(RESET_AFTER);
-      gemm(h.data(), H, Bc, after ? m.R : m.Ru, S.data(), Spad, false);  // R h: r, u (and n) columns
+      gemm(h.data(), H, Bc, after ? m.R : m.Ru, S.data(), Spad);  // R h: r, u (and n) columns
       for (int b = 0; b < Bc; ++b) {
         const float* a = S.data() + b * Spad;
         const float* x = xpt + b * N;
@@ -451,7 +451,7 @@ static void forward_chunk(const Cell& c, const Mats& m, const FwdIO& io, int T, 
           }
         }
       }
-      if (!after) gemm(tmp.data(), H, Bc, m.Rn, S2.data(), m.Rn.Npad, false);  // R_n (r * h)
+      if (!after) gemm(tmp.data(), H, Bc, m.Rn, S2.data(), m.Rn.Npad);  // R_n (r * h)
       for (int b = 0; b < Bc; ++b) {
         const float* x = xpt + b * N;
         float* hb = h.data() + b * H;
@@ -475,7 +475,7 @@ static void forward_chunk(const Cell& c, const Mats& m, const FwdIO& io, int T, 
         }
       }
     } else if (c.family == MGU) {
-      gemm(h.data(), H, Bc, m.Ru, S.data(), Spad, false);  // R_f h
+      gemm(h.data(), H, Bc, m.Ru, S.data(), Spad);  // R_f h
       for (int b = 0; b < Bc; ++b) {
         const float* a = S.data() + b * Spad;
         const float* x = xpt + b * N;
@@ -488,7 +488,7 @@ static void forward_chunk(const Cell& c, const Mats& m, const FwdIO& io, int T, 
           fh[j] = f[j] * hb[j];
         }
       }
-      gemm(tmp.data(), H, Bc, m.Rn, S2.data(), m.Rn.Npad, false);  // R_n (f * h)
+      gemm(tmp.data(), H, Bc, m.Rn, S2.data(), m.Rn.Npad);  // R_n (f * h)
       for (int b = 0; b < Bc; ++b) {
         const float* x = xpt + b * N;
         const float* q = S2.data() + b * m.Rn.Npad;
@@ -507,7 +507,7 @@ static void forward_chunk(const Cell& c, const Mats& m, const FwdIO& io, int T, 
         }
       }
     } else {  // RNN
-      gemm(h.data(), H, Bc, m.R, S.data(), Spad, false);
+      gemm(h.data(), H, Bc, m.R, S.data(), Spad);
       for (int b = 0; b < Bc; ++b) {
         float* a = S.data() + b * Spad;
         const float* x = xpt + b * N;
@@ -606,8 +606,6 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer xp, ffi::AnyBuffer 
     const int q = item % nb, b0 = q * B / nb, b1 = (q + 1) * B / nb;
     FwdIO io{xp.typed_data<float>() + p * TB * c.N,
              mask.typed_data<float>() + p * TB,
-             nullptr,
-             nullptr,
              peep.typed_data<float>() + p * 3 * H,
              bhn.typed_data<float>() + p * H,
              h0.typed_data<float>() + p * B * H,
@@ -741,7 +739,7 @@ static void backward_chunk(const Cell& c, const Mats& m, const BwdIO& io, int T,
         }
       }
       // dh_prev = d_pre @ R^T (masked rows: d_pre = 0, dh passes through)
-      gemm(dxp, N, Bc, m.R, S.data(), Spad, false);
+      gemm(dxp, N, Bc, m.R, S.data(), Spad);
       for (int b = 0; b < Bc; ++b) {
         if (mt[b] == 0.0f) continue;
         std::memcpy(dh.data() + b * H, S.data() + b * Spad, sizeof(float) * H);
@@ -750,7 +748,7 @@ static void backward_chunk(const Cell& c, const Mats& m, const BwdIO& io, int T,
         for (int b = 0; b < Bc; ++b)
           for (int q = 0; q < c.k; ++q)
             std::memcpy(tmp.data() + b * G + q * H, dxp + b * N + c.rec_off[q], sizeof(float) * H);
-        gemm(tmp.data(), G, Bc, m.Rg, S2.data(), m.Rg.Npad, false);
+        gemm(tmp.data(), G, Bc, m.Rg, S2.data(), m.Rg.Npad);
         for (int b = 0; b < Bc; ++b) {
           if (mt[b] == 0.0f) continue;
           std::memcpy(dg.data() + b * G, S2.data() + b * m.Rg.Npad, sizeof(float) * G);
@@ -798,7 +796,7 @@ static void backward_chunk(const Cell& c, const Mats& m, const BwdIO& io, int T,
             q[2 * H + j] = d[2 * H + j] * r[j];
           }
         }
-        gemm(drec.data(), N, Bc, m.R, S.data(), Spad, false);
+        gemm(drec.data(), N, Bc, m.R, S.data(), Spad);
         for (int b = 0; b < Bc; ++b) {
           float* dhb = dh.data() + b * H;
           const float* dir = direct.data() + b * H;
@@ -809,7 +807,7 @@ static void backward_chunk(const Cell& c, const Mats& m, const BwdIO& io, int T,
       } else {
         // d(r h) = dan @ R_n^T; dr = d(r h) * h; dh += d(r h) * r; then [dar, dau] @ R_ru^T
         for (int b = 0; b < Bc; ++b) std::memcpy(tmp.data() + b * H, dxp + b * N + 2 * H, sizeof(float) * H);
-        gemm(tmp.data(), H, Bc, m.Rn, S2.data(), m.Rn.Npad, false);
+        gemm(tmp.data(), H, Bc, m.Rn, S2.data(), m.Rn.Npad);
         for (int b = 0; b < Bc; ++b) {
           if (mt[b] == 0.0f) continue;
           float* d = dxp + b * N;
@@ -823,7 +821,7 @@ static void backward_chunk(const Cell& c, const Mats& m, const BwdIO& io, int T,
             dir[j] += drh[j] * r[j];
           }
         }
-        gemm(dxp, N, Bc, m.Ru, S.data(), Spad, false);  // the first 2H columns of each dxp row
+        gemm(dxp, N, Bc, m.Ru, S.data(), Spad);  // the first 2H columns of each dxp row
         for (int b = 0; b < Bc; ++b) {
           float* dhb = dh.data() + b * H;
           const float* dir = direct.data() + b * H;
@@ -855,7 +853,7 @@ static void backward_chunk(const Cell& c, const Mats& m, const BwdIO& io, int T,
         }
       }
       for (int b = 0; b < Bc; ++b) std::memcpy(tmp.data() + b * H, dxp + b * N + H, sizeof(float) * H);
-      gemm(tmp.data(), H, Bc, m.Rn, S2.data(), m.Rn.Npad, false);  // d(f h) = dan @ R_n^T
+      gemm(tmp.data(), H, Bc, m.Rn, S2.data(), m.Rn.Npad);  // d(f h) = dan @ R_n^T
       for (int b = 0; b < Bc; ++b) {
         if (mt[b] == 0.0f) continue;
         float* d = dxp + b * N;
@@ -870,7 +868,7 @@ static void backward_chunk(const Cell& c, const Mats& m, const BwdIO& io, int T,
           dir[j] += dfh[j] * f[j];
         }
       }
-      gemm(dxp, N, Bc, m.Ru, S.data(), Spad, false);  // daf @ R_f^T (the first H columns of each row)
+      gemm(dxp, N, Bc, m.Ru, S.data(), Spad);  // daf @ R_f^T (the first H columns of each row)
       for (int b = 0; b < Bc; ++b) {
         float* dhb = dh.data() + b * H;
         const float* dir = direct.data() + b * H;
@@ -890,7 +888,7 @@ static void backward_chunk(const Cell& c, const Mats& m, const BwdIO& io, int T,
 #pragma omp simd
         for (int j = 0; j < H; ++j) d[j] = (dys[b * H + j] + dhb[j]) * (1.0f - y[j] * y[j]);
       }
-      gemm(dxp, N, Bc, m.R, S.data(), Spad, false);
+      gemm(dxp, N, Bc, m.R, S.data(), Spad);
       for (int b = 0; b < Bc; ++b) {
         if (mt[b] == 0.0f) continue;
         std::memcpy(dh.data() + b * H, S.data() + b * Spad, sizeof(float) * H);
@@ -1008,6 +1006,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmLabNativeBackward, backward_impl,
                                   .Ret<ffi::AnyBuffer>()  // dgates0
                                   .Ret<ffi::AnyBuffer>()  // dpeep [3, H]
 );
-
-// The FFI API version this file was compiled against (checked against the running jax at load)
-extern "C" int lstm_lab_native_ffi_api(int which) { return which == 0 ? XLA_FFI_API_MAJOR : XLA_FFI_API_MINOR; }
