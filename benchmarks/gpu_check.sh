@@ -10,10 +10,12 @@
 #    tests/test_pallas.py (whole-H and split schedules, bf16, populations), compiled by Triton, one line per
 #    test in the log as it goes;
 # 2. speed (until 7 min): benchmarks/layer_speed.py at the six GPU anchors, float32 (TF32 allowed:
-#    --matmul-precision default) and bfloat16, lstm/vanilla/cifg/gru with scan, scan_vjp, pallas against
-#    torch's cuDNN, jax.experimental.rnn and Flax; medians of 20 synchronised runs; the JSON is rewritten after
-#    every (shape, dtype) group and groups that no longer fit are skipped (listed in the JSON);
-# 3. if time is left: FGR and MGU at two anchors;
+#    --matmul-precision default) and bfloat16, lstm and gru with scan_vjp and pallas against torch's cuDNN
+#    (torch on the GPU), jax.experimental.rnn and Flax; medians of 20 synchronised runs; the JSON is rewritten
+#    after every (shape, dtype) group and groups that no longer fit are skipped (listed in the JSON). Each
+#    candidate costs ~4.5 s of compilation: on the H200 (session 10) 15 candidates per group fitted only two
+#    anchors in 280 s, hence two cells and two impls here;
+# 3. if time is left: the presets vanilla, cifg, FGR and MGU with pallas at two anchors;
 # each speed part ends with the AUTO_IMPL lines its rows support.
 # Every part checks the elapsed time first and runs under `timeout`, so the script ends by 8 minutes whatever
 # happens. Needs jax with CUDA, flax, optax, torch; not optuna (the layer never imports it). lstm_lab runs
@@ -38,7 +40,7 @@ if [ $dry = 1 ]; then
 else
   tests_k="pallas"
   speed_args=(--dtypes float32,bfloat16 --repeats 20)
-  extra_args=(--shapes 128x64x512,1000x1x128 --dtypes float32,bfloat16 --repeats 20 --skip flax)
+  extra_args=(--shapes 128x64x512,1000x1x128 --dtypes float32,bfloat16 --repeats 20 --skip flax,cudnn)
 fi
 
 : > "$log"
@@ -73,6 +75,6 @@ speed_part() {
 }
 
 # 2. speed at the anchors; 3. FGR and MGU at two of them, if time is left
-speed_part speed 45 60 40 --impls scan,scan_vjp,pallas --cells lstm,vanilla,cifg,gru "${speed_args[@]}"
-speed_part speed_fgr_mgu 15 45 30 --impls scan,pallas --cells fgr,mgu "${extra_args[@]}"
+speed_part speed 45 60 40 --impls scan_vjp,pallas --cells lstm,gru "${speed_args[@]}"
+speed_part speed_presets 15 45 30 --impls pallas --cells vanilla,cifg,fgr,mgu "${extra_args[@]}"
 say "end; files: $(ls "$out" | tr '\n' ' ')"

@@ -188,16 +188,26 @@ def cudnn_step(T, B, H, dtype_name):
 # ---------------------------------------------------------------------------
 # torch
 # ---------------------------------------------------------------------------
+def torch_device():
+    """'cuda' when jax runs on a GPU and torch sees one (cuDNN), else 'cpu' (oneDNN): torch is measured on the
+    device lstm_lab runs on."""
+    import jax
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def torch_step(cell, T, B, H, dtype_name):
     import torch
 
+    dev = torch_device()
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     torch.manual_seed(0)
     cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell]  # nn.RNN: tanh
-    model = cls(H, H, num_layers=1, batch_first=True).to(tdtype)
+    model = cls(H, H, num_layers=1, batch_first=True).to(device=dev, dtype=tdtype)
     x_np, g_np = data(T, B, H)
-    x = torch.from_numpy(x_np).to(tdtype).requires_grad_(True)
-    g = torch.from_numpy(g_np).to(tdtype)
+    x = torch.from_numpy(x_np).to(device=dev, dtype=tdtype).requires_grad_(True)
+    g = torch.from_numpy(g_np).to(device=dev, dtype=tdtype)
     params = list(model.parameters())
 
     def step():
@@ -207,7 +217,7 @@ def torch_step(cell, T, B, H, dtype_name):
         ys, _ = model(x)
         loss = (ys.float() * g.float()).sum()
         loss.backward()
-        return loss.item()  # synchronises (CPU is synchronous anyway)
+        return loss.item()  # synchronises the GPU (the CPU is synchronous anyway)
 
     return step
 
@@ -265,6 +275,7 @@ def machine_facts(args) -> dict:
         import torch
 
         facts["torch"] = torch.__version__
+        facts["torch_device"] = torch_device()
         facts["torch_threads"] = args.torch_threads
     except ImportError:
         facts["torch"] = None
@@ -438,12 +449,14 @@ def main(argv=None):
 
     facts = machine_facts(args)
     log(f"# {facts['backend']} ({facts['device_kind']}{', ' + facts['cpu_model'] if 'cpu_model' in facts else ''}; {facts.get('cpu_simd_flags', '')}), "
-        f"{facts['cpu_count']} cpus; jax {facts['jax']}, flax {facts['flax']}, torch {facts['torch']}; "
+        f"{facts['cpu_count']} cpus; jax {facts['jax']}, flax {facts['flax']}, torch {facts['torch']} "
+        f"on {facts.get('torch_device')}; "
         f"impls {impls}; repeats {args.repeats}, unroll {args.unroll}; matmul precision {args.matmul_precision}"
         + (f"; pallas {kernel_options}" if "pallas" in impls else ""))
     if "loadavg_start" in facts:
         log(f"# load average at start: {' '.join(f'{v:.2f}' for v in facts['loadavg_start'])}")
-        if have_torch and args.torch_threads > 1 and facts["loadavg_start"][0] > 0.5:
+        if have_torch and facts.get("torch_device") == "cpu" and args.torch_threads > 1 \
+                and facts["loadavg_start"][0] > 0.5:
             note(f"the machine is busy (load {facts['loadavg_start'][0]:.2f}): torch's OpenMP threads wait on "
                  f"each other every step, and with another process on a core a torch step can be 10-100x "
                  f"slower; compare with --torch-threads 1")

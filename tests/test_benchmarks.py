@@ -39,3 +39,27 @@ def test_suggest_auto_picks_the_impl_fastest_in_most_groups(layer_speed):
     # GRU: a tie of wins (1/2 each); pallas's geometric mean is sqrt(2 * 0.4) = 0.89x scan: scan
     assert table[("gpu", "gru")] == "scan"
     assert table[("gpu", "rnn")] == "scan" and "fastest in 1/1" in lines[2]
+
+
+def test_gpu_summary_takes_ratios_within_a_run_and_only_from_torch_on_cuda(tmp_path, capsys):
+    """benchmarks/gpu_summary.py (the README's GPU tables): a run whose torch ran on the CPU gives no cuDNN
+    ratio, and a ratio never mixes two runs."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("gpu_summary", _PATH.parent / "gpu_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shape = dict(T=128, B=16, H=256)
+    cpu_torch = {"machine": {"torch_device": "cpu"},
+                 "rows": [_row("torch", "lstm", 12.0, **shape), _row("pallas", "lstm", 2.0, **shape),
+                          _row("scan_vjp", "lstm", 3.0, **shape), _row("flax", "lstm", 6.0, **shape)]}
+    cuda = {"machine": {"torch_device": "cuda", "device_kind": "GPU", "repeats": 20},
+            "rows": [_row("torch", "lstm", 5.0, **shape), _row("pallas", "lstm", 2.5, **shape)]}
+    paths = []
+    for name, d in (("a.json", cpu_torch), ("b.json", cuda)):
+        paths.append(str(tmp_path / name))
+        pathlib.Path(paths[-1]).write_text(json.dumps(d))
+    mod.main(paths)
+    out = capsys.readouterr().out
+    assert "| 128/16/256 | 2.5 / 5 (2.00) | - | - | - | b.json |" in out  # not 12 / 2.0 from the CPU torch
+    assert "| 128/16/256 | 2 | 3 | - | 6 | - | - | - | a.json |" in out  # the run with more columns

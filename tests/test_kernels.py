@@ -263,7 +263,9 @@ def test_auto_impl_table():
     # a compute dtype the native kernel does not take: the next entry (the LSTM family), else the scan
     assert resolve_impl("auto", lstm, "cpu", dtype=jnp.bfloat16) == "scan_vjp"
     assert resolve_impl("auto", gru, "cpu", dtype=jnp.bfloat16) == "scan"
-    assert resolve_impl("auto", lstm, "gpu") == "scan" and resolve_impl("scan", lstm, "cpu") == "scan"
+    # the GPU (NOTES session 10): scan_vjp for the LSTM family, the scan for the others; TPU: the scan
+    assert resolve_impl("auto", lstm, "gpu") == "scan_vjp" and resolve_impl("auto", gru, "gpu") == "scan"
+    assert resolve_impl("auto", lstm, "tpu") == "scan" and resolve_impl("scan", lstm, "cpu") == "scan"
 
 
 @pytest.fixture

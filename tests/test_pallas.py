@@ -186,6 +186,10 @@ def test_split_plan_and_streamed_weights():
     assert plan(fgr, 64, 8, 4, 16, None, 132, None) == (16, 32, False)         # R_gates count too
     assert plan(SPECS["gru"], 256, 8, 4, 16, None, 132, None) == (16, 64, False)  # 3 gates: 192 KiB at 64
     assert plan(lstm, 1024, 512, 2, 16, 16, 132, None) == (256, 16, False)    # block_b raised to fit
+    # Cho's GRU, H=1024 f32, B=256: 192 KiB of weights fit alone, but the 128-row batch tile's staging made the
+    # launch ask for 232 KiB of the H200's 227 (a real run); with the tile counted the weights are streamed
+    assert plan(SPECS["gru"], 1024, 256, 4, 16, None, 132, None) == (128, 16, True)
+    assert plan(SPECS["gru"], 1024, 64, 4, 16, None, 132, None) == (32, 16, False)  # 192 + 8 KiB: fits
     assert "256 column blocks of 16 for hidden size 4096 exceed the 132" in plan(lstm, 4096, 8, 2, 16, None, 132, None)
     spec = SPECS["lstm"]
     case = _case(spec, T=3, B=5, H=24, seed=5)

@@ -61,12 +61,16 @@ DEFAULT = "scan"  # runs every cell, dtype and backend, and returns gate traces:
 # "impl=auto"): an implementation, or several in order of preference, the first that can run the cell at that
 # size and dtype being taken (else DEFAULT). CPU: the native kernel is the fastest for every family at every
 # anchor shape (NOTES, session 9); where it cannot run (no compiler, bfloat16), scan_vjp for the LSTM
-# family (as fast or faster than the scan at every anchor). GPU/TPU: not measured yet, so the plain scan.
+# family (as fast or faster than the scan at every anchor). GPU (H200, NOTES session 10): scan_vjp for the LSTM
+# family, 1.5-1.6x the scan at every group measured. impl="pallas" is faster still for one model at H <= 512
+# (1.0-1.6x scan_vjp) but slower at H=1024 (0.6x), and under jax.vmap its split schedule runs a population's
+# members one after another, so auto does not take it. The GPU's GRU/MGU/RNN and TPU: the plain scan.
 AUTO_IMPL: dict[tuple[str, str], "str | tuple[str, ...]"] = {
     ("cpu", "lstm"): ("native", "scan_vjp"),
     ("cpu", "gru"): "native",
     ("cpu", "mgu"): "native",
     ("cpu", "rnn"): "native",
+    ("gpu", "lstm"): "scan_vjp",
 }
 
 

@@ -10,6 +10,8 @@ cell, hidden size or dtype cannot run. The registry (:mod:`lstm_lab.kernels`), t
 (16, 64, False)
 >>> pallas_unsupported(VARIANTS["lstm"], 64) is None
 True
+>>> launch_plan(VARIANTS["gru"], 1024, 256, 4, 16, None, SM_COUNT, None)  # 128-row batch tiles: weights streamed
+(128, 16, True)
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ __all__ = ["SMEM_BUDGET", "SM_COUNT", "DTYPES", "pow2", "weight_bytes", "has_can
 # needed; benchmarks/NOTES.md, "Session 4"): whole-H LSTM weights take 68 KiB at H=64 float32 and 136 KiB
 # at H=128 bfloat16 (fit), 264 KiB at H=128 float32 (does not).
 SMEM_BUDGET = 200 * 1024
+# What else a split program stages besides its weights: one operand tile of its bB batch rows by the
+# contraction chunk (block_k, 64 by default). Counted only where the batch tile grows past 16 rows to keep every
+# program resident: Cho's GRU at T/B/H 128/256/1024 float32 (bB = 128, 192 KiB of weights) asked for 232 KiB of
+# the H200's 227 on the GPU (benchmarks/NOTES.md, "Session 10"); with the tile counted its weights are streamed.
+STAGE_K = 64
 SM_COUNT = 132  # H100; on a GPU the device's own count is used
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -88,6 +95,8 @@ def launch_plan(spec: CellSpec, H: int, B: int, itemsize: int, block_b: int, blo
                 f"that must hold them all at once (they meet at a barrier every step)")
     while -(-B // bB) * nh > sms:  # every program must be resident at once: fewer, taller batch tiles
         bB *= 2
+    if bB > 16 and weight_bytes(spec, Hp, bH, itemsize) + bB * STAGE_K * itemsize > SMEM_BUDGET:
+        fits = False  # the taller batch tile's staging leaves the weights no room: stream them
     return bB, bH, (not fits) if stream is None else bool(stream)
 
 
