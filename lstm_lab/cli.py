@@ -93,6 +93,11 @@ def describe_task(name: str, options: dict, *, batch_size: int = 4, seed: int = 
     if "lengths" in info:
         lines.append("sequence lengths: " + " | ".join(f"{s} {v}" for s, v in info["lengths"].items())
                      + f"; batches padded to {', '.join(map(str, info['padded_lengths']))} steps; loss {info['loss']}")
+    if "series" in info:  # forecast: the series, its spacing and splits, the windows
+        lines += [f"series: {line}" for line in info["series"]]
+    if "class_counts" in info:  # classify: the classes and their counts per split
+        lines.append(f"{info['classes']} classes, cases per class: " + " | ".join(
+            f"{s} " + " ".join(f"{c}:{n}" for c, n in counts.items()) for s, counts in info["class_counts"].items()))
     if "distinct_characters" in info:
         lines.append(f"distinct characters in the corpus: {info['distinct_characters']}")
     base = info["baseline"]

@@ -1,4 +1,4 @@
-"""The three notebooks run top to bottom at their tiny size (nbclient) and draw their figures; none is
+"""The four notebooks run top to bottom at their tiny size (nbclient) and draw their figures; none is
 committed with outputs."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ pytest.importorskip("ipykernel")
 from run_notebook import execute, images  # noqa: E402  (scripts/ is on sys.path, see conftest)
 
 
-def test_three_notebooks_committed_without_outputs():
+def test_notebooks_committed_without_outputs():
     assert [p.name for p in NOTEBOOKS] == ["01_cells_and_gates.ipynb", "02_compare_variants.ipynb",
-                                           "03_odyssey_study.ipynb"]
+                                           "03_odyssey_study.ipynb", "04_forecasting.ipynb"]
     for p in NOTEBOOKS:
         nb = json.loads(p.read_text())
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
@@ -73,3 +73,23 @@ def test_odyssey_study_notebook_runs_and_reads_a_study(tmp_path):
     md = [o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
           if "text/markdown" in o.get("data", {})]
     assert len(md) == 1 and "6 complete trials over 2 variants" in md[0] and "*NFG significantly worse*" in md[0]
+
+
+@pytest.mark.integration  # a notebook kernel
+def test_forecasting_notebook_on_a_csv_of_ones_own(tmp_path):
+    import numpy as np
+
+    t = np.arange(150)
+    load = 10 + 0.05 * t + 2 * np.sin(2 * np.pi * t / 12)
+    csv = tmp_path / "load.csv"
+    csv.write_text("hour,load\n" + "\n".join(f"{i},{v:.5f}" for i, v in zip(t, load)) + "\n")
+    nb = _run("04_forecasting.ipynb", {"dataset": None, "path": str(csv), "target": "load", "season": 12,
+                                       "context": 12, "horizon": 3, "variants": ["lstm", "gru"], "hidden_size": 8,
+                                       "steps": 20, "workdir": str(tmp_path / "runs")}, tmp_path)
+    assert images(nb) == 1  # the forecasts against the truth
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "150 steps, 0.0 .. 149.0, every 1; columns load; forecast load" in text
+    assert "lstm: MAE" in text and "gru: MAE" in text and "the linear AR baseline" in text
+    html = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if "text/html" in o.get("data", {})]
+    assert len(html) == 1 and all(m in html[0] for m in ("seasonal_naive (baseline)", "MASE", "lstm", "gru"))

@@ -1,4 +1,5 @@
-"""Benchmark tasks: ``copy``, ``adding``, ``char_lm``, ``word_lm``, ``music``; ``get(name, **options)``;
+"""Benchmark tasks: ``copy``, ``adding``, ``char_lm``, ``word_lm``, ``music``, ``forecast``, ``classify``;
+``get(name, **options)``;
 :class:`SequenceSet`, the base of any dataset of whole sequences of different lengths.
 
 >>> from lstm_lab import tasks
@@ -22,10 +23,14 @@ from lstm_lab.tasks.sequences import SequenceSet
 from lstm_lab.tasks import synthetic as _synthetic  # noqa: F401  (registers copy, adding)
 from lstm_lab.tasks import language as _language  # noqa: F401  (registers char_lm, word_lm)
 from lstm_lab.tasks import music as _music  # noqa: F401  (registers music)
+from lstm_lab.tasks import forecast as _forecast  # noqa: F401  (registers forecast)
+from lstm_lab.tasks import classify as _classify  # noqa: F401  (registers classify)
 from lstm_lab.tasks.synthetic import AddingTask, CopyTask
 from lstm_lab.tasks.language import CharLMTask, WordLMTask
 from lstm_lab.tasks.music import MusicTask
+from lstm_lab.tasks.forecast import ForecastTask
+from lstm_lab.tasks.classify import ClassifyTask
 
-__all__ = ["SPLITS", "AddingTask", "Batch", "CharLMTask", "CopyTask", "MusicTask", "SequenceSet", "Task",
-           "WordLMTask", "get", "import_tasks", "losses", "names", "option_names", "pad_examples", "register",
-           "row_sum", "sequence_cross_entropy"]
+__all__ = ["SPLITS", "AddingTask", "Batch", "CharLMTask", "ClassifyTask", "CopyTask", "ForecastTask", "MusicTask",
+           "SequenceSet", "Task", "WordLMTask", "get", "import_tasks", "losses", "names", "option_names",
+           "pad_examples", "register", "row_sum", "sequence_cross_entropy"]
