@@ -238,3 +238,23 @@ def test_japanese_vowels():
     lengths = [len(x) for s in ("train", "valid", "test") for x, _ in task.data[s]]
     assert (min(lengths), max(lengths)) == (7, 29)
     assert task.describe()["class_counts"]["valid"] == {str(c): 6 for c in range(1, 10)}
+
+
+def test_the_command_line_describes_and_trains_a_ts_file_of_ones_own(tmp_path, capsys):
+    """`lstm-lab data classify --path` and `lstm-lab train` on an experiment that names a .ts file."""
+    import json
+
+    from lstm_lab import cli
+
+    path = _pair(tmp_path, _ramps(48, 0), _ramps(20, 1))
+    assert cli.main(["data", "classify", "--path", path]) == 0
+    out = capsys.readouterr().out
+    assert "2 classes, cases per class: train up:19 down:19 | valid up:5 down:5 | test up:10 down:10" in out
+    exp = tmp_path / "my_exp.py"
+    exp.write_text(f'overrides = {{"task.name": "classify", "task.options": {{"path": {path!r}}}, '
+                   f'"model.hidden_size": 8, "train.batch_size": 8, "train.steps": 10, "train.eval_every": 5}}\n')
+    assert cli.main(["train", str(exp), "--workdir", str(tmp_path / "run"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 10 and "macro_f1" in summary["test"] and "logreg_accuracy" in summary["baseline"]
+    assert cli.main(["data", "classify", "--path", str(tmp_path / "nope_TRAIN.ts")]) == 2
+    assert "classify: '" in capsys.readouterr().err

@@ -182,3 +182,18 @@ def test_bundled_series():
     spots = ForecastTask(dataset="sunspots", context=22, horizon=5)
     assert len(spots.values) == 309 and spots.season == 11
     assert fc.DATASETS == {"co2": 12, "sunspots": 11}
+
+
+def test_the_command_line_trains_a_csv_of_ones_own(tmp_path):
+    import json
+
+    t, load, temp = _series(120)
+    p = _csv(tmp_path / "s.csv", zip(t, load, temp))
+    exp = tmp_path / "my_exp.py"
+    exp.write_text(f'overrides = {{"task.name": "forecast", "task.options": {{"path": {str(p)!r}, "target": "load", '
+                   f'"context": 12, "horizon": 3}}, "model.hidden_size": 8, "train.batch_size": 8, '
+                   f'"train.steps": 10, "train.eval_every": 5}}\n')
+    assert cli.main(["train", str(exp), "--workdir", str(tmp_path / "run"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 10 and set(summary["test"]) == {"loss", "mae", "rmse", "mase", "smape"}
+    assert summary["baseline"]["linear_ar_mae"] > 0
