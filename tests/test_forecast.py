@@ -197,3 +197,23 @@ def test_the_command_line_trains_a_csv_of_ones_own(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 10 and set(summary["test"]) == {"loss", "mae", "rmse", "mase", "smape"}
     assert summary["baseline"]["linear_ar_mae"] > 0
+
+
+def test_absolute_windows_and_a_large_offset():
+    """relative=False standardises the raw values; either way the metrics stay exact at a large offset (the float32
+    targets are stored relative to a level: each window's last value, or the train split's mean)."""
+    rng = np.random.default_rng(2)
+    series = 1e6 + np.cumsum(rng.normal(size=160))
+    for relative in (True, False):
+        task = ForecastTask(series=series, context=10, horizon=2, relative=relative)
+        batch = task.eval_batches("test", 64)[0]
+        W = task.split_sizes()["test"]
+        _, y, level = task._raw["test"]
+        # outputs that forecast the truth exactly: the metrics are 0 to float32 precision of the relative values
+        exact = ((y - level[:, None, :]) - task.y_mean) / task.y_std
+        out = np.zeros((64, batch.inputs.shape[1], 2), np.float32)
+        out[:W, 9] = exact.reshape(W, 2)
+        m = task.summarize_batches([task.metric_sums(jnp.asarray(out), batch.arrays())])
+        assert m["mae"] < 1e-4 and m["loss"] < 1e-9, (relative, m)
+        expected = series[task.bounds["test"][0] + 9:][:W] if relative else series[:task.bounds["train"][1]].mean()
+        assert np.allclose(level[:, 0], expected, rtol=0, atol=1e-9)

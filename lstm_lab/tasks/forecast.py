@@ -19,8 +19,9 @@ Windows and splits:
   score every window once.
 * **scaling** is fitted on the train split only: with ``relative=True`` (the default) each window is first taken
   relative to its last observed value (inputs ``x - x[-1]``, targets ``y - x[-1]`` of the target column), so a
-  trend the training period never reached still looks familiar; then every column is standardised by means and
-  standard deviations of the training windows. Metrics undo both: they are in the series' own units.
+  trend the training period never reached still looks familiar (``relative=False``: targets relative to the train
+  split's mean); then every column is standardised by means and standard deviations of the training windows.
+  Metrics undo both: they are in the series' own units.
 
 Model: the RNN reads the context; the head's outputs at the last step are the ``horizon x len(target)`` forecasts
 (a direct multi-horizon forecast, horizon-major). Training loss: squared error in standardised units, averaged
@@ -239,6 +240,7 @@ class ForecastTask(SequenceSet):
         tidx = [columns.index(t) for t in targets]
         x_all = values if inputs == "all" else values[:, tidx]
         level_cols = tidx if inputs == "all" else list(range(len(tidx)))   # the targets among the inputs
+        offset = values[bounds["train"][0]:bounds["train"][1], tidx].mean(0)
         self.context, self.horizon, self.season, self.relative = int(context), int(horizon), int(season), relative
         self.columns, self.targets, self.facts, self.bounds = columns, targets, facts, bounds
         self.values = values
@@ -248,7 +250,8 @@ class ForecastTask(SequenceSet):
             starts = np.arange(a, b - window + 1, step)
             x = np.stack([x_all[s:s + context] for s in starts])                       # [W, L, F]
             y = np.stack([values[s + context:s + window][:, tidx] for s in starts])    # [W, H, k]
-            level = x[:, -1, level_cols] if relative else np.zeros((len(starts), len(tidx)))  # [W, k]
+            # each window's level: its last value, or (relative=False) one constant, the train split's mean
+            level = x[:, -1, level_cols] if relative else np.tile(offset, (len(starts), 1))  # [W, k]
             return x, y, level
 
         raw = {s: windows(s, stride if s == "train" else 1) for s in bounds}
@@ -271,7 +274,8 @@ class ForecastTask(SequenceSet):
             out = []
             for w in range(len(x)):
                 tgt = np.zeros((context, horizon * len(tidx) + len(tidx)), np.float32)
-                tgt[-1] = np.concatenate([y[w].reshape(-1), lv[w]])       # original units: forecasts, then level
+                # the targets relative to the window's level (precise in float32 at any offset), then the level
+                tgt[-1] = np.concatenate([(y[w] - lv[w]).reshape(-1), lv[w]])
                 out.append((xs[w].astype(np.float32), tgt))
             return out
 
@@ -293,10 +297,10 @@ class ForecastTask(SequenceSet):
         last = w * (jnp.cumsum(w, axis=1) == w.sum(axis=1, keepdims=True))    # one-hot at the last valid step
         pred = jnp.einsum("bt,btc->bc", last, outputs[..., :H * k].astype(jnp.float32)).reshape(-1, H, k)
         tgt = jnp.einsum("bt,btc->bc", last, batch["targets"].astype(jnp.float32))
-        y, level = tgt[:, :H * k].reshape(-1, H, k), tgt[:, H * k:]
+        y_rel, level = tgt[:, :H * k].reshape(-1, H, k), tgt[:, H * k:, None].swapaxes(1, 2)
         y_std, y_mean = jnp.asarray(self.y_std, jnp.float32), jnp.asarray(self.y_mean, jnp.float32)
-        fc = pred * y_std + y_mean + level[:, None, :]                        # original units
-        err = fc - y
+        err = pred * y_std + y_mean - y_rel                                  # in the series' units
+        fc, y = y_rel + err + level, y_rel + level                            # the forecast and the truth
         scaled = err / y_std
         smape = jnp.where(jnp.abs(fc) + jnp.abs(y) > 0, 200 * jnp.abs(err) / jnp.maximum(jnp.abs(fc) + jnp.abs(y),
                                                                                            1e-30), 0.0)
@@ -407,6 +411,7 @@ class ForecastTask(SequenceSet):
 
     def format_example(self, batch, row: int = 0) -> str:
         k, H = len(self.targets), self.horizon
-        y = batch.targets[row, int(batch.lengths[row]) - 1, :H * k].reshape(H, k)
+        tgt = batch.targets[row, int(batch.lengths[row]) - 1]
+        y = tgt[:H * k].reshape(H, k) + tgt[H * k:]                            # relative to the level, plus it
         return f"context {self.context} steps -> next {H}: " + " ".join(f"{v:.4g}" for v in y[:, 0][:8]) + \
             (" ..." if H > 8 else "")
