@@ -129,6 +129,7 @@ def read_series(path, target, *, time: str | None = None) -> tuple[np.ndarray, l
         if t not in columns:
             raise ValueError(f"forecast: {where!r} has no column {t!r} to forecast; its value columns: "
                              f"{', '.join(columns) or '(none)'}.")
+    value_idx = [header.index(name) for name in columns]
     values = np.empty((len(rows) - 1, len(columns)))
     times = []
     for r, row in enumerate(rows[1:]):
@@ -141,8 +142,8 @@ def read_series(path, target, *, time: str | None = None) -> tuple[np.ndarray, l
         if times and type(t) is not type(times[0]):
             raise ValueError(f"forecast: {where!r} row {line}: time {row[ti]!r} mixes numbers and dates.")
         times.append(t)
-        for c, name in enumerate(columns):
-            cell = row[header.index(name)].strip()
+        for c, ci in enumerate(value_idx):
+            name, cell = columns[c], row[ci].strip()
             try:
                 v = float(cell)
             except ValueError:
@@ -243,6 +244,7 @@ class ForecastTask(SequenceSet):
         offset = values[bounds["train"][0]:bounds["train"][1], tidx].mean(0)
         self.context, self.horizon, self.season, self.relative = int(context), int(horizon), int(season), relative
         self.columns, self.targets, self.facts, self.bounds = columns, targets, facts, bounds
+        self._level_cols = level_cols
         self.values = values
 
         def windows(split, step):
@@ -269,10 +271,10 @@ class ForecastTask(SequenceSet):
         self.mase_scale = np.where(self.mase_scale > 0, self.mase_scale, 1.0)
 
         def pairs(split):
-            x, y, lv = raw[split]
-            xs = ((x - x[:, -1:, :] if relative else x) - self.x_mean) / self.x_std
+            _, y, lv = raw[split]
+            xs = self._scaled(split)
             out = []
-            for w in range(len(x)):
+            for w in range(len(xs)):
                 tgt = np.zeros((context, horizon * len(tidx) + len(tidx)), np.float32)
                 # the targets relative to the window's level (precise in float32 at any offset), then the level
                 tgt[-1] = np.concatenate([(y[w] - lv[w]).reshape(-1), lv[w]])
@@ -343,12 +345,13 @@ class ForecastTask(SequenceSet):
                 "linear_ar": self._linear_ar(split)}
 
     # -- baselines (numpy, original units) ----------------------------------------------------------------------
-    def _target_context(self, split):
+    def _scaled(self, split):
+        """The model's inputs of every window of ``split`` (relative, then standardised on train)."""
         x, _, _ = self._raw[split]
-        a = self.bounds[split][0]
-        starts = np.arange(a, a + len(x))
-        tidx = [self.columns.index(t) for t in self.targets]
-        return np.stack([self.values[s:s + self.context][:, tidx] for s in starts])   # [W, L, k]
+        return ((x - x[:, -1:, :] if self.relative else x) - self.x_mean) / self.x_std
+
+    def _target_context(self, split):
+        return self._raw[split][0][:, :, self._level_cols]                       # [W, L, k], the series' units
 
     def _naive(self, split):
         ctx = self._target_context(split)
@@ -361,9 +364,8 @@ class ForecastTask(SequenceSet):
         return ctx[:, back, :]
 
     def _features(self, split):
-        x, _, _ = self._raw[split]
-        xs = ((x - x[:, -1:, :] if self.relative else x) - self.x_mean) / self.x_std
-        return np.concatenate([xs.reshape(len(x), -1), np.ones((len(x), 1))], axis=1)
+        xs = self._scaled(split)
+        return np.concatenate([xs.reshape(len(xs), -1), np.ones((len(xs), 1))], axis=1)
 
     def _linear_ar(self, split):
         if not hasattr(self, "_ar"):
