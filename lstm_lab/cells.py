@@ -38,6 +38,37 @@ Parameter layout (shared by every implementation; the names are stable):
 * ``b_hn`` ``[H]`` (GRU with ``reset_after`` only): the recurrent bias of the
   candidate, inside the reset gate, as in cuDNN and PyTorch.
 
+Modern families (their fields ``num_heads`` and ``exp_forget`` belong to ``slstm`` only):
+
+* ``slstm``: xLSTM's sLSTM (Beck et al. 2024), exponential input gate with a
+  normalizer state ``n`` and a stabilizer state ``m`` (log-space max trick)::
+
+      z~, i~, f~, o~ = W x_t + R y_{t-1} + b          (R block-diagonal over num_heads)
+      log f = log s(f~)   (exp_forget: f~)
+      m_t = max(log f + m_{t-1}, i~)                   (i~ where n_{t-1} = 0, the first step; f' = 1 there)
+      i' = exp(i~ - m_t),  f' = exp(log f + m_{t-1} - m_t)
+      c_t = f' * c_{t-1} + i' * tanh(z~),  n_t = f' * n_{t-1} + i'
+      y_t = s(o~) * c_t / n_t
+
+  ``c`` and ``n`` are the paper's states scaled by ``exp(-m_t)``: ``y`` is the
+  unstabilized cell's, and nothing overflows however large ``i~`` grows. Only the
+  cell; the xLSTM block's convolution, group norm and up-projection are not part of it.
+  Gate order ``i, f, z, o``; with ``num_heads = k > 1``, ``R`` is
+  ``[k, H/k, 4*H/k]``: head ``j`` maps units ``j*H/k..`` of ``y`` to the same
+  units of each gate (gate-major columns ``i, f, z, o`` within the head).
+* ``minlstm`` and ``mingru`` (Feng et al. 2024, "Were RNNs All We Needed?"):
+  gates and candidate from ``x_t`` only, so there is no ``R``, and the recurrence
+  is linear in ``h``, which ``impl="parallel"`` computes with a parallel scan::
+
+      minlstm:  f = s(f~), i = s(i~), f' = f / (f + i), i' = i / (f + i)
+                h_t = f' * h_{t-1} + i' * g(n~)
+      mingru:   z = s(z~),  h_t = (1 - z) * h_{t-1} + z * g(n~)
+
+  with the paper's normalization of ``f`` and ``i`` (minLSTM: ``f' + i' = 1``, so
+  ``h`` does not grow with time) and its log-space candidate ``g(a) = a + 1/2``
+  for ``a >= 0``, ``s(a)`` otherwise (positive, so the parallel scan runs in log
+  space). Gate order ``f, i, n`` and ``z, n``.
+
 The input projection ``x_t @ W + b`` is not part of the step: the layer
 computes it for all time steps in one matmul before the scan, and
 :func:`step` receives its result ``xp_t``.
@@ -65,6 +96,7 @@ __all__ = [
     "LSTMState",
     "FGRState",
     "HiddenState",
+    "SLSTMState",
     "resolve_cell",
     "step",
     "param_shapes",
@@ -72,7 +104,10 @@ __all__ = [
     "trace_names",
 ]
 
-FAMILIES = ("lstm", "gru", "mgu", "rnn")
+FAMILIES = ("lstm", "gru", "mgu", "rnn", "slstm", "minlstm", "mingru")
+
+#: Families whose gates and candidate see only the input (no ``R``): a recurrence linear in ``h``.
+INPUT_ONLY = ("minlstm", "mingru")
 
 #: Activation functions a spec may name for ``g`` (input) and ``h`` (output).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -95,14 +130,17 @@ _LSTM_FLAGS = {
     "output_activation": "tanh",
 }
 
+# Fields that only the sLSTM uses, with their defaults.
+_SLSTM_FLAGS = {"num_heads": 1, "exp_forget": False}
+
 
 @dataclasses.dataclass(frozen=True)
 class CellSpec:
     """One recurrent cell variant, as a frozen set of flags.
 
     Attributes:
-      family: ``"lstm"`` (every LSTM-family flag applies), ``"gru"``, ``"mgu"``
-        or ``"rnn"`` (tanh RNN).
+      family: ``"lstm"`` (every LSTM-family flag applies), ``"gru"``, ``"mgu"``,
+        ``"rnn"`` (tanh RNN), ``"slstm"``, ``"minlstm"`` or ``"mingru"`` (the module docstring).
       input_gate: LSTM: keep ``i_t``; ``False`` makes it the constant 1 (NIG).
       forget_gate: LSTM: keep ``f_t``; ``False`` makes it 1 (NFG).
       output_gate: LSTM: keep ``o_t``; ``False`` makes it 1 (NOG).
@@ -118,6 +156,8 @@ class CellSpec:
       reset_after: GRU only: apply the reset gate after the recurrent matmul,
         ``n = tanh(W_n x + b_n + r * (R_n h + b_hn))`` (cuDNN, PyTorch),
         instead of Cho et al.'s ``n = tanh(W_n x + b_n + R_n (r * h))``.
+      num_heads: sLSTM only: ``R`` block-diagonal with this many heads (it must divide the hidden size).
+      exp_forget: sLSTM only: exponential forget gate ``f = exp(f~)`` instead of ``s(f~)``.
 
     A contradictory spec raises ``ValueError`` naming both fields::
 
@@ -137,6 +177,8 @@ class CellSpec:
     input_activation: str = "tanh"
     output_activation: str = "tanh"
     reset_after: bool = False
+    num_heads: int = 1
+    exp_forget: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -144,7 +186,7 @@ class CellSpec:
                 f"CellSpec: unknown family {self.family!r}; expected one of "
                 f"{', '.join(FAMILIES)}.{did_you_mean(str(self.family).lower(), FAMILIES)}")
         for name in ("input_gate", "forget_gate", "output_gate", "peepholes", "coupled",
-                     "full_gate_recurrence", "reset_after"):
+                     "full_gate_recurrence", "reset_after", "exp_forget"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"CellSpec: {name} must be a bool; got {value!r}.")
@@ -161,6 +203,14 @@ class CellSpec:
                         f"CellSpec: {name}={getattr(self, name)!r} applies to the LSTM family only; "
                         f"it contradicts family={self.family!r}. Use family='lstm' or leave "
                         f"{name} at its default {default!r}.")
+        if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise ValueError(f"CellSpec: num_heads must be an int >= 1; got {self.num_heads!r}.")
+        if self.family != "slstm":
+            for name, default in _SLSTM_FLAGS.items():
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"CellSpec: {name}={getattr(self, name)!r} applies to the sLSTM only; it contradicts "
+                        f"family={self.family!r}. Use family='slstm' or leave {name} at its default {default!r}.")
         if self.reset_after and self.family != "gru":
             raise ValueError(
                 f"CellSpec: reset_after=True applies to the GRU only; it contradicts "
@@ -197,7 +247,8 @@ class CellSpec:
             if self.output_gate:
                 names.append("o")
             return tuple(names)
-        return {"gru": ("r", "u", "n"), "mgu": ("f", "n"), "rnn": ("h",)}[self.family]
+        return {"gru": ("r", "u", "n"), "mgu": ("f", "n"), "rnn": ("h",), "slstm": ("i", "f", "z", "o"),
+                "minlstm": ("f", "i", "n"), "mingru": ("z", "n")}[self.family]
 
     def recurrent_gate_names(self) -> tuple[str, ...]:
         """The sigmoid gates computed from parameters (the ones FGR feeds back)."""
@@ -255,6 +306,9 @@ VARIANTS: dict[str, CellSpec] = {
     "gru": CellSpec(family="gru"),
     "mgu": CellSpec(family="mgu"),
     "rnn": CellSpec(family="rnn"),
+    "slstm": CellSpec(family="slstm"),
+    "minlstm": CellSpec(family="minlstm"),
+    "mingru": CellSpec(family="mingru"),
 }
 
 #: One line per preset, for tables and docs.
@@ -273,6 +327,9 @@ DESCRIPTIONS: dict[str, str] = {
     "gru": "GRU, Cho et al. 2014: n = tanh(W x + R (r*h)) (cuDNN/PyTorch form: CellSpec(family=\"gru\", reset_after=True))",
     "mgu": "minimal gated unit, Zhou et al. 2016",
     "rnn": "tanh RNN",
+    "slstm": "xLSTM's sLSTM, Beck et al. 2024: exponential input gate, normalizer and stabilizer states",
+    "minlstm": "minLSTM, Feng et al. 2024: gates from x only, f and i normalized; impl='parallel' trains it in parallel",
+    "mingru": "minGRU, Feng et al. 2024: gate and candidate from x only; impl='parallel' trains it in parallel",
 }
 
 
@@ -321,8 +378,18 @@ class FGRState(NamedTuple):
     gates: jax.Array
 
 
+class SLSTMState(NamedTuple):
+    """Carry of an sLSTM: output ``h``, cell ``c`` and normalizer ``n`` (both scaled by ``exp(-m)``), stabilizer
+    ``m``; each ``[batch..., H]``. All zeros is the fresh state."""
+
+    h: jax.Array
+    c: jax.Array
+    n: jax.Array
+    m: jax.Array
+
+
 class HiddenState(NamedTuple):
-    """Carry of a GRU, MGU or tanh RNN: the hidden state ``h`` ``[batch..., H]``."""
+    """Carry of a GRU, MGU, tanh RNN, minLSTM or minGRU: the hidden state ``h`` ``[batch..., H]``."""
 
     h: jax.Array
 
@@ -330,6 +397,8 @@ class HiddenState(NamedTuple):
 def carry_type(spec: CellSpec) -> type:
     if spec.family == "lstm":
         return FGRState if spec.full_gate_recurrence else LSTMState
+    if spec.family == "slstm":
+        return SLSTMState
     return HiddenState
 
 
@@ -340,6 +409,8 @@ def carry_shapes(spec: CellSpec, hidden_size: int) -> dict[str, int]:
         sizes["c"] = hidden_size
         if spec.full_gate_recurrence:
             sizes["gates"] = len(spec.recurrent_gate_names()) * hidden_size
+    if spec.family == "slstm":
+        sizes.update(c=hidden_size, n=hidden_size, m=hidden_size)
     return sizes
 
 
@@ -358,6 +429,13 @@ def param_shapes(spec: CellSpec, in_features: int, hidden_size: int) -> dict[str
     H = hidden_size
     n = len(spec.gate_names())
     shapes = {"W": (in_features, n * H), "R": (H, n * H), "b": (n * H,)}
+    if spec.family in INPUT_ONLY:
+        del shapes["R"]
+    if spec.family == "slstm" and spec.num_heads > 1:
+        k = spec.num_heads
+        if H % k:
+            raise ValueError(f"CellSpec: num_heads={k} must divide the hidden size; got hidden_size={H}.")
+        shapes["R"] = (k, H // k, n * H // k)
     for p in spec.peephole_names():
         shapes[p] = (H,)
     if spec.full_gate_recurrence:
@@ -371,7 +449,8 @@ def param_shapes(spec: CellSpec, in_features: int, hidden_size: int) -> dict[str
 def trace_names(spec: CellSpec) -> tuple[str, ...]:
     """Keys of the dict that ``step(..., trace=True)`` and ``gate_trace`` return."""
     return {"lstm": ("i", "f", "o", "z", "c", "y"), "gru": ("r", "u", "n", "h"),
-            "mgu": ("f", "n", "h"), "rnn": ("h",)}[spec.family]
+            "mgu": ("f", "n", "h"), "rnn": ("h",), "slstm": ("i", "f", "o", "z", "c", "n", "m", "y"),
+            "minlstm": ("f", "i", "n", "h"), "mingru": ("z", "n", "h")}[spec.family]
 
 
 # ---------------------------------------------------------------------------
@@ -434,6 +513,57 @@ def mgu_candidate(x_n, q, f, h_prev):
     """MGU candidate and output. ``q`` is ``R_n (f * h_prev)``."""
     n = jnp.tanh(x_n + q)
     return n, (1.0 - f) * h_prev + f * n
+
+
+def log_g(a: jax.Array) -> jax.Array:
+    """``log g(a)`` for the min* candidate ``g`` (:func:`min_g`), computed without forming ``g``."""
+    return jnp.where(a >= 0, jnp.log(jax.nn.relu(a) + 0.5), -jax.nn.softplus(-a))
+
+
+def min_g(a: jax.Array) -> jax.Array:
+    """The minLSTM/minGRU candidate activation of the paper's log-space form: ``a + 1/2`` for ``a >= 0``, else
+    ``s(a)``: continuous, increasing and positive."""
+    return jnp.where(a >= 0, a + 0.5, jax.nn.sigmoid(a))
+
+
+def min_coefficients(spec: CellSpec, a: dict[str, jax.Array]):
+    """``(log_a, log_b)`` of the min* recurrence ``h_t = a_t * h_{t-1} + b_t`` from the pre-activations ``a``
+    (``W x + b`` per gate), computed in log space: minLSTM ``a = f / (f + i)``, ``b = i / (f + i) * g(n~)``;
+    minGRU ``a = 1 - z``, ``b = z * g(n~)``."""
+    if spec.family == "minlstm":
+        d = jax.nn.softplus(-a["f"]) - jax.nn.softplus(-a["i"])  # log i - log f
+        log_a, log_i = -jax.nn.softplus(d), -jax.nn.softplus(-d)
+    else:
+        log_a, log_i = -jax.nn.softplus(a["z"]), -jax.nn.softplus(-a["z"])
+    return log_a, log_i + log_g(a["n"])
+
+
+def slstm_recurrent(spec: CellSpec, h_prev: jax.Array, R: jax.Array, acc_dtype) -> jax.Array:
+    """``y_{t-1} @ R`` in the gate layout ``[..., 4H]`` (``R`` block-diagonal over ``num_heads``)."""
+    if spec.num_heads == 1:
+        return _mm(h_prev, R, acc_dtype)
+    k, dh, _ = R.shape
+    hh = h_prev.reshape(*h_prev.shape[:-1], k, dh).astype(R.dtype)
+    out = jnp.einsum("...kd,kde->...ke", hh, R, preferred_element_type=acc_dtype)  # [..., k, 4*dh]
+    out = out.reshape(*h_prev.shape[:-1], k, 4, dh)
+    return jnp.swapaxes(out, -3, -2).reshape(*h_prev.shape[:-1], 4 * k * dh)
+
+
+def slstm_pointwise(spec: CellSpec, a: dict[str, jax.Array], carry: "SLSTMState"):
+    """The elementwise part of an sLSTM step from the pre-activations: ``(new_carry, acts)`` with ``acts`` the
+    stabilized gates ``i'``, ``f'``, ``z``, ``o`` actually applied."""
+    log_f = a["f"] if spec.exp_forget else -jax.nn.softplus(-a["f"])
+    fresh = carry.n == 0  # the first step: m starts at i~, and f' (which multiplies zero states) is 1
+    lf_m = jnp.where(fresh, a["i"], log_f + carry.m)  # not exp(log f - i~), which overflows for i~ << 0
+    m = jnp.maximum(lf_m, a["i"])
+    i = jnp.exp(a["i"] - m)
+    f = jnp.exp(lf_m - m)
+    z = jnp.tanh(a["z"])
+    o = jax.nn.sigmoid(a["o"])
+    c = f * carry.c + i * z
+    n = f * carry.n + i
+    y = o * (c / n)
+    return SLSTMState(y, c, n, m), {"i": i, "f": f, "z": z, "o": o}
 
 
 def rnn_pointwise(a: jax.Array) -> jax.Array:
@@ -504,6 +634,23 @@ def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *
         n, y = mgu_candidate(x["n"], _mm(f * h_prev, R[:, H:], acc), f, h_prev)
         new_carry = HiddenState(y)
         tr = {"f": f, "n": n, "h": y} if trace else None
+    elif spec.family == "slstm":
+        a = _split(xp_t + (slstm_recurrent(spec, h_prev, params["R"], acc) if rec is None else rec),
+                   spec.gate_names())
+        new_carry, acts = slstm_pointwise(spec, a, carry)
+        y = new_carry.h
+        tr = (acts | {"c": new_carry.c, "n": new_carry.n, "m": new_carry.m, "y": y}) if trace else None
+    elif spec.family in INPUT_ONLY:
+        a = _split(xp_t, spec.gate_names())
+        log_a, log_b = min_coefficients(spec, a)
+        y = jnp.exp(log_a) * h_prev + jnp.exp(log_b)
+        new_carry = HiddenState(y)
+        if trace:
+            gate = jnp.exp(log_a) if spec.family == "minlstm" else jax.nn.sigmoid(a["z"])
+            tr = {"n": min_g(a["n"]), "h": y} | (
+                {"f": gate, "i": 1.0 - gate} if spec.family == "minlstm" else {"z": gate})
+        else:
+            tr = None
     else:  # rnn
         y = rnn_pointwise(xp_t + _mm(h_prev, params["R"], acc))
         new_carry = HiddenState(y)

@@ -62,9 +62,9 @@ def init_params(spec: CellSpec, in_features: int, hidden_size: int, key: jax.Arr
     ``±1/sqrt(H)``; ``R_gates``: LeCun normal; ``b_hn``: zeros.
 
     ``forget_bias`` is added to the pre-activation of the gate that keeps the
-    state: the LSTM forget gate (CIFG: subtracted from the input gate, since
+    state: the LSTM, sLSTM and minLSTM forget gate (CIFG: subtracted from the input gate, since
     ``f = 1 - i``), the GRU update gate ``u``, and subtracted from the MGU gate
-    ``f`` (whose ``1 - f`` keeps the state). ``chrono_init=T_max`` (Tallec &
+    ``f`` and the minGRU gate ``z`` (whose ``1 - f``, ``1 - z`` keep the state). minLSTM and minGRU have no ``R``. ``chrono_init=T_max`` (Tallec &
     Ollivier 2018) replaces it: retention bias ``log(U[1, T_max - 1])``, and
     the LSTM input gate bias its negative.
     """
@@ -72,12 +72,17 @@ def init_params(spec: CellSpec, in_features: int, hidden_size: int, key: jax.Arr
     names = spec.gate_names()
     shapes = _cells.param_shapes(spec, in_features, H)
     k_w, k_r, k_p, k_g, k_c = jax.random.split(key, 5)
-    params = {
-        "W": jax.nn.initializers.lecun_normal()(k_w, shapes["W"], param_dtype),
-        "R": jnp.concatenate(
+    params = {"W": jax.nn.initializers.lecun_normal()(k_w, shapes["W"], param_dtype)}
+    if "R" in shapes and len(shapes["R"]) == 3:  # sLSTM heads: orthogonal per head and gate block
+        k, dh, _ = shapes["R"]
+        params["R"] = jnp.stack([
+            jnp.concatenate([jax.nn.initializers.orthogonal()(kk, (dh, dh), param_dtype)
+                             for kk in jax.random.split(kh, len(names))], axis=1)
+            for kh in jax.random.split(k_r, k)])
+    elif "R" in shapes:
+        params["R"] = jnp.concatenate(
             [jax.nn.initializers.orthogonal()(k, (H, H), param_dtype)
-             for k in jax.random.split(k_r, len(names))], axis=1),
-    }
+             for k in jax.random.split(k_r, len(names))], axis=1)
     b = np.zeros((len(names), H), np.float64)
     idx = {g: j for j, g in enumerate(names)}
     if chrono_init is not None:
@@ -96,6 +101,12 @@ def init_params(spec: CellSpec, in_features: int, hidden_size: int, key: jax.Arr
         b[idx["u"]] = retain
     elif spec.family == "mgu":
         b[idx["f"]] = -retain
+    elif spec.family in ("slstm", "minlstm"):
+        b[idx["f"]] = retain
+        if chrono_init is not None:
+            b[idx["i"]] = -retain
+    elif spec.family == "mingru":
+        b[idx["z"]] = -retain
     params["b"] = jnp.asarray(b.reshape(-1), param_dtype)
     bound = 1.0 / math.sqrt(H)
     for j, p in enumerate(spec.peephole_names()):

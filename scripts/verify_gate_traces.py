@@ -35,7 +35,8 @@ def check_preset(name: str, *, seed: int = 0, batch: int = 3, T: int = 12, F: in
     x = jnp.asarray(rng.normal(0, 1, (batch, T, F)), jnp.float32)
     y, _ = layer(x)
     tr = {k: np.asarray(v, np.float64) for k, v in lstm_lab.gate_trace(layer, x).items()}
-    err = {"y == layer output": float(np.abs(tr["y" if spec.family == "lstm" else "h"] - np.asarray(y)).max())}
+    err = {"y == layer output": float(np.abs(tr["y" if spec.family in ("lstm", "slstm") else "h"]
+                                              - np.asarray(y)).max())}
     if spec.family == "lstm":
         c_prev = np.concatenate([np.zeros((batch, 1, H)), tr["c"][:, :-1]], axis=1)
         err["c = z*i + c_prev*f"] = float(np.abs(tr["c"] - (tr["z"] * tr["i"] + c_prev * tr["f"])).max())
@@ -55,6 +56,22 @@ def check_preset(name: str, *, seed: int = 0, batch: int = 3, T: int = 12, F: in
     elif spec.family == "mgu":
         h_prev = np.concatenate([np.zeros((batch, 1, H)), tr["h"][:, :-1]], axis=1)
         err["h = (1-f)*h_prev + f*n"] = float(np.abs(tr["h"] - ((1 - tr["f"]) * h_prev + tr["f"] * tr["n"])).max())
+    elif spec.family == "slstm":
+        prev = {k: np.concatenate([np.zeros((batch, 1, H)), tr[k][:, :-1]], axis=1) for k in ("c", "n", "m")}
+        err["c = f'*c_prev + i'*z"] = float(np.abs(tr["c"] - (tr["f"] * prev["c"] + tr["i"] * tr["z"])).max())
+        err["n = f'*n_prev + i'"] = float(np.abs(tr["n"] - (tr["f"] * prev["n"] + tr["i"])).max())
+        err["y = o*c/n"] = float(np.abs(tr["y"] - tr["o"] * tr["c"] / tr["n"]).max())
+        # the stabilizer makes the larger of i' and f' exactly 1 after the first step (there n_prev = 0: m = i~)
+        err["max(i', f') == 1"] = float(np.abs(np.maximum(tr["i"], tr["f"])[:, 1:] - 1).max())
+        err["i' == 1 at the first step"] = float(np.abs(tr["i"][:, 0] - 1).max())
+    elif spec.family in ("minlstm", "mingru"):
+        h_prev = np.concatenate([np.zeros((batch, 1, H)), tr["h"][:, :-1]], axis=1)
+        keep, take = (tr["f"], tr["i"]) if spec.family == "minlstm" else (1 - tr["z"], tr["z"])
+        err["h = a*h_prev + (1-a)*n"] = float(np.abs(tr["h"] - (keep * h_prev + take * tr["n"])).max())
+        if spec.family == "minlstm":
+            err["f' + i' == 1"] = float(np.abs(tr["f"] + tr["i"] - 1).max())
+        if not tr["n"].min() > 0:
+            err["n = g(.) > 0"] = float("inf")
     return err
 
 

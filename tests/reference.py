@@ -8,7 +8,8 @@ the layer's masking and reversal are checked against the plain definition.
 Parameters are read by the documented layout (lstm_lab.cells docstring):
 ``W [in, n*H]``, ``R [H, n*H]``, ``b [n*H]`` in the gate order of
 ``spec.gate_names()``, peepholes ``p_i, p_f, p_o``, FGR ``R_gates`` and GRU
-``b_hn``.
+``b_hn``; sLSTM, minLSTM and minGRU as in the lstm_lab.cells docstring (equations
+of Beck et al. 2024 and Feng et al. 2024).
 """
 
 from __future__ import annotations
@@ -28,12 +29,37 @@ def sigmoid(a):
     return 1.0 / (1.0 + np.exp(-a))
 
 
+def G(a):
+    """minLSTM/minGRU candidate (Feng et al. 2024, log-space form): a + 1/2 for a >= 0, else sigmoid(a)."""
+    return np.where(a >= 0, a + 0.5, sigmoid(a))
+
+
+def hidden_size(spec, p):
+    return np.asarray(p["W"]).shape[1] // len(spec.gate_names())
+
+
 def _blocks(p, names, H):
-    """Per-gate W_g, R_g, b_g."""
+    """Per-gate W_g, R_g (None without R, or a head-blocked R), b_g."""
     out = {}
     for j, g in enumerate(names):
         sl = slice(j * H, (j + 1) * H)
-        out[g] = (p["W"][:, sl], p["R"][:, sl], p["b"][sl])
+        R = p.get("R")
+        out[g] = (p["W"][:, sl], R[:, sl] if R is not None and R.ndim == 2 else None, p["b"][sl])
+    return out
+
+
+def _slstm_rec(spec, R, y_prev, H):
+    """Recurrent pre-activations per gate: R [H, 4H], or [k, H/k, 4H/k] (head j: units j*H/k.. of y to the
+    same units of each gate, columns i, f, z, o of H/k each)."""
+    names = ("i", "f", "z", "o")
+    if R.ndim == 2:
+        return {g: y_prev @ R[:, j * H:(j + 1) * H] for j, g in enumerate(names)}
+    k, dh, _ = R.shape
+    out = {g: np.zeros(H) for g in names}
+    for head in range(k):
+        u = slice(head * dh, (head + 1) * dh)
+        for j, g in enumerate(names):
+            out[g][u] = y_prev[u] @ R[head][:, j * dh:(j + 1) * dh]
     return out
 
 
@@ -43,7 +69,7 @@ def run_sequence(spec, p, x, state):
     Returns outputs ``[L, H]``, the final state dict and per-step traces.
     """
     p = {k: np.asarray(v, np.float64) for k, v in p.items()}
-    H = p["R"].shape[0]
+    H = hidden_size(spec, p)
     names = spec.gate_names()
     blk = _blocks(p, names, H)
     ys, traces = [], []
@@ -102,6 +128,39 @@ def run_sequence(spec, p, x, state):
             y = (1.0 - f) * h + f * n
             st = {"h": y}
             traces.append({"f": f, "n": n, "h": y})
+        elif spec.family == "slstm":
+            y_prev = st["h"]
+            rec = _slstm_rec(spec, p["R"], y_prev, H)
+            a = {g: pre[g] + rec[g] for g in names}
+            log_f = a["f"] if spec.exp_forget else np.log(sigmoid(a["f"]))
+            # stabilizer: the first step (n = 0) starts it at i~
+            fresh = st["n"] == 0
+            m = np.where(fresh, a["i"], np.maximum(log_f + st["m"], a["i"]))
+            i = np.exp(a["i"] - m)
+            # f' multiplies the zero states of the first step: any finite value gives the same c, n, y; the
+            # cell takes 1 there (exp(log f - i~) overflows for i~ << 0)
+            with np.errstate(over="ignore"):
+                f = np.where(fresh, 1.0, np.exp(log_f + st["m"] - m))
+            z = np.tanh(a["z"])
+            o = sigmoid(a["o"])
+            c = f * st["c"] + i * z
+            n = f * st["n"] + i
+            y = o * c / n
+            st = {"h": y, "c": c, "n": n, "m": m}
+            traces.append({"i": i, "f": f, "z": z, "o": o, "c": c, "n": n, "m": m, "y": y})
+        elif spec.family == "minlstm":
+            f, i = sigmoid(pre["f"]), sigmoid(pre["i"])
+            f, i = f / (f + i), i / (f + i)
+            n = G(pre["n"])
+            y = f * st["h"] + i * n
+            st = {"h": y}
+            traces.append({"f": f, "i": i, "n": n, "h": y})
+        elif spec.family == "mingru":
+            z = sigmoid(pre["z"])
+            n = G(pre["n"])
+            y = (1.0 - z) * st["h"] + z * n
+            st = {"h": y}
+            traces.append({"z": z, "n": n, "h": y})
         else:
             y = np.tanh(pre["h"] + st["h"] @ blk["h"][1])
             st = {"h": y}
@@ -116,6 +175,8 @@ def zero_state(spec, H):
         st["c"] = np.zeros(H)
         if spec.full_gate_recurrence:
             st["gates"] = np.zeros(len([g for g in ("i", "f", "o") if g in spec.gate_names()]) * H)
+    if spec.family == "slstm":
+        st.update(c=np.zeros(H), n=np.zeros(H), m=np.zeros(H))
     return st
 
 
@@ -141,7 +202,7 @@ def run_layer(spec, params, x, *, lengths=None, initial=None, want_trace=None):
     for li, layer_params in enumerate(params):
         outs, fin = [], []
         for d, p in enumerate(layer_params):
-            H = np.asarray(p["R"]).shape[0]
+            H = hidden_size(spec, p)
             y = np.zeros((B, T, H))
             fd = {}
             tr_d = None

@@ -12,10 +12,10 @@ from lstm_lab import CellSpec, VARIANTS
 from lstm_lab.cells import param_shapes, resolve_cell
 
 PRESETS = ["lstm", "vanilla", "peephole", "nig", "nfg", "nog", "niaf", "noaf", "np", "cifg", "fgr",
-           "gru", "mgu", "rnn"]
+           "gru", "mgu", "rnn", "slstm", "minlstm", "mingru"]
 
 
-def test_the_fourteen_presets():
+def test_the_seventeen_presets():
     assert list(VARIANTS) == PRESETS
     assert VARIANTS["peephole"] == VARIANTS["vanilla"]
     assert VARIANTS["np"] == VARIANTS["lstm"]
@@ -35,7 +35,7 @@ def test_specs_are_frozen_and_hashable():
     spec = VARIANTS["cifg"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.peepholes = False
-    assert len({VARIANTS[p] for p in PRESETS}) == 12  # two aliases
+    assert len({VARIANTS[p] for p in PRESETS}) == 15  # two aliases
 
 
 # Written from the layout documented in lstm_lab.cells, at in=3, H=2.
@@ -52,10 +52,13 @@ EXPECTED_PARAMS = {
     "gru": {"W": (3, 6), "R": (2, 6), "b": (6,)},
     "mgu": {"W": (3, 4), "R": (2, 4), "b": (4,)},
     "rnn": {"W": (3, 2), "R": (2, 2), "b": (2,)},
+    "slstm": {"W": (3, 8), "R": (2, 8), "b": (8,)},
+    "minlstm": {"W": (3, 6), "b": (6,)},  # no R: the gates see x only
+    "mingru": {"W": (3, 4), "b": (4,)},
 }
 EXPECTED_GATES = {"lstm": ("i", "f", "z", "o"), "nig": ("f", "z", "o"), "nfg": ("i", "z", "o"),
                   "nog": ("i", "f", "z"), "cifg": ("i", "z", "o"), "gru": ("r", "u", "n"), "mgu": ("f", "n"),
-                  "rnn": ("h",)}
+                  "rnn": ("h",), "slstm": ("i", "f", "z", "o"), "minlstm": ("f", "i", "n"), "mingru": ("z", "n")}
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p not in ("peephole", "np")])

@@ -243,7 +243,7 @@ def test_scan_vjp_rejects_other_families():
 # The registry
 # ---------------------------------------------------------------------------
 def test_builtin_kernels_and_their_options():
-    assert lstm_lab.recurrent.IMPLS == kernels.IMPLS == ("auto", "scan", "scan_vjp", "pallas", "native")
+    assert lstm_lab.recurrent.IMPLS == kernels.IMPLS == ("auto", "scan", "scan_vjp", "pallas", "native", "parallel")
     assert kernels.get("scan").options == ("unroll",) and kernels.get("scan").trace is not None
     assert kernels.get("scan_vjp").options == ("unroll", "remat") and not kernels.get("scan_vjp").forward_mode
     assert kernels.get("pallas").trace is None and "block_b" in kernels.get("pallas").options

@@ -48,7 +48,7 @@ def test_traced_values_satisfy_the_cell_equations(preset):
     import verify_gate_traces
 
     err = verify_gate_traces.check_preset(preset, seed=PRESETS.index(preset))
-    expected_checks = {"lstm": 3, "gru": 2, "mgu": 2, "rnn": 1}[VARIANTS[preset].family]
+    expected_checks = {"lstm": 3, "gru": 2, "mgu": 2, "rnn": 1, "slstm": 5, "minlstm": 3, "mingru": 2}[VARIANTS[preset].family]
     assert len(err) >= expected_checks
     assert max(err.values()) <= 1e-5, err
 

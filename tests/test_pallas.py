@@ -111,6 +111,9 @@ def test_lowers_to_triton(name):
     """Forward and backward lower to Triton kernels for CUDA (no GPU needed to lower): every primitive the
     cell math uses has a Triton lowering, and the forward is one kernel launch, forward+backward two."""
     spec = SPECS[name]
+    why = pallas_plan.pallas_unsupported(spec, 40)
+    if why:
+        pytest.skip(why)
     params, xp, carry0, lengths, _ = _case(spec, T=5, B=20, H=40, seed=1)
     f = lambda p, xp, c0: scan_cell_pallas(spec, p, xp, c0, lengths=lengths, interpret=False)[:2]
     g = jax.grad(lambda *a: sum(jnp.sum(v) for v in jax.tree.leaves(f(*a))), argnums=(0, 1, 2))
@@ -200,6 +203,9 @@ def test_split_plan_and_streamed_weights():
 @pytest.mark.parametrize("name", ["vanilla", "gru_reset_after", "gru", "mgu"])
 def test_hidden_split_lowers_to_triton_with_its_barrier(name):
     spec = SPECS[name]
+    why = pallas_plan.pallas_unsupported(spec, 40)
+    if why:
+        pytest.skip(why)
     params, xp, carry0, lengths, _ = _case(spec, T=5, B=20, H=40, seed=1)
     f = lambda p, xp, c0: scan_cell_pallas(spec, p, xp, c0, lengths=lengths, interpret=False, block_h=16)[:2]
     g = jax.grad(lambda *a: sum(jnp.sum(v) for v in jax.tree.leaves(f(*a))), argnums=(0, 1, 2))

@@ -18,7 +18,9 @@ name           module                                      what
                                                            every cell, every dtype, gate traces
 ``scan_vjp``   :mod:`lstm_lab.kernels.scan_vjp`            the same forward, a custom VJP (LSTM family)
 ``pallas``     :mod:`lstm_lab.kernels.pallas`              one fused Pallas kernel launch (Triton on GPU)
-``native``     :mod:`lstm_lab.kernels.native`              the time loop in C++ (XLA FFI, CPU), every cell
+``native``     :mod:`lstm_lab.kernels.native`              the time loop in C++ (XLA FFI, CPU), the LSTM
+                                                           family, GRU, MGU, RNN
+``parallel``   :mod:`lstm_lab.kernels.parallel`            a parallel scan in log space (minLSTM, minGRU)
 =============  ==========================================  ===============================================
 
 ``impl="auto"`` runs what :data:`AUTO_IMPL` says for the backend and cell family (else :data:`DEFAULT`).
@@ -29,7 +31,7 @@ imports no kernel, and Pallas is imported only when the Pallas kernel runs.
 >>> from lstm_lab import kernels
 >>> from lstm_lab.cells import VARIANTS
 >>> kernels.names()
-('scan', 'scan_vjp', 'pallas', 'native')
+('scan', 'scan_vjp', 'pallas', 'native', 'parallel')
 >>> print(kernels.impl_unsupported("scan_vjp", VARIANTS["gru"], 8))
 impl='scan_vjp' supports the LSTM family; 'gru' is a gru (use impl='scan' or 'auto').
 """
@@ -52,6 +54,7 @@ _BUILTIN = {
     "scan_vjp": "lstm_lab.kernels.scan_vjp",
     "pallas": "lstm_lab.kernels.pallas",
     "native": "lstm_lab.kernels.native",
+    "parallel": "lstm_lab.kernels.parallel",
 }
 _LOADED: dict[str, "Kernel"] = {}
 

@@ -281,6 +281,8 @@ def _unsupported(spec: CellSpec, hidden_size: int, *, dtype=None, param_dtype=No
                  **_) -> str | None:
     if backend is not None and backend != "cpu":
         return f"impl='native' runs on the CPU; the backend is {backend!r}"
+    if spec.family not in _FAMILY:
+        return (f"impl='native' runs the LSTM family, GRU, MGU and RNN; {spec.name!r} is a {spec.family}")
     if dtype is not None and jnp.dtype(dtype) != jnp.float32:
         return f"impl='native' computes in float32; dtype={jnp.dtype(dtype).name}"
     return _load()

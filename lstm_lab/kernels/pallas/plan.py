@@ -111,6 +111,8 @@ def unsupported_dtype(**dtypes) -> str | None:
 def pallas_unsupported(spec: CellSpec, hidden_size: int, dtype=None, param_dtype=None,
                        block_h: int | None = None) -> str | None:
     """Why ``impl="pallas"`` cannot run ``spec`` at ``hidden_size``, or None when it can."""
+    if spec.family not in ("lstm", "gru", "mgu", "rnn"):
+        return (f"impl='pallas' runs the LSTM family, GRU, MGU and RNN; {spec.name!r} is a {spec.family}")
     why = unsupported_dtype(dtype=dtype, param_dtype=param_dtype)
     if why:
         return why
