@@ -133,6 +133,20 @@ _LSTM_FLAGS = {
 # Fields that only the sLSTM uses, with their defaults.
 _SLSTM_FLAGS = {"num_heads": 1, "exp_forget": False}
 
+# Regularization fields: the rates, and the families each applies to.
+_RATES = ("recurrent_dropout", "variational_dropout", "zoneout_c", "zoneout_h", "weight_drop")
+_REGULARIZER_FAMILIES = {
+    "layer_norm": ("lstm",),
+    "recurrent_dropout": ("lstm", "gru"),
+    "variational_dropout": ("lstm", "gru", "mgu", "rnn"),
+    "zoneout_c": ("lstm",),
+    "zoneout_h": ("lstm", "gru", "mgu", "rnn"),
+    "weight_drop": ("lstm", "gru", "mgu", "rnn"),
+}
+#: The regularization fields whose math is inside the step (a kernel must implement them); weight_drop, and
+#: variational_dropout's input mask, are applied by the layer around any kernel.
+IN_STEP_REGULARIZERS = ("layer_norm", "recurrent_dropout", "variational_dropout", "zoneout_c", "zoneout_h")
+
 
 @dataclasses.dataclass(frozen=True)
 class CellSpec:
@@ -159,6 +173,24 @@ class CellSpec:
       num_heads: sLSTM only: ``R`` block-diagonal with this many heads (it must divide the hidden size).
       exp_forget: sLSTM only: exponential forget gate ``f = exp(f~)`` instead of ``s(f~)``.
 
+    Regularization inside the recurrence (rates in ``[0, 1)``; 0 is off). Training draws the masks from the
+    layer's ``dropout_key`` (``RNN(...)(x, deterministic=False, dropout_key=key)``); evaluation uses none
+    (zoneout: its expectation):
+
+      layer_norm: LSTM family: LayerNorm-LSTM (Ba, Kiros, Hinton 2016): ``W x`` and ``R y_{t-1}`` normalized
+        per gate block, each with a learned gain (``ln_x_g``, ``ln_h_g`` ``[n*H]``; their biases are ``b``),
+        and ``c_t`` before the output activation (``ln_c_g``, ``ln_c_b`` ``[H]``): ``y = o * h(LN(c))``.
+        The FGR term ``R_gates`` and the peepholes are added unnormalized.
+      recurrent_dropout: LSTM family and GRU: dropout on the block input ``z`` (GRU: the candidate ``n``)
+        only, a fresh mask every step (Semeniuta et al. 2016).
+      variational_dropout: LSTM family, GRU, MGU, RNN: one mask per sequence on the layer's input ``x`` and
+        one on ``y_{t-1}`` where it enters ``R``, the same at every step (Gal & Ghahramani 2016).
+      zoneout_c, zoneout_h: LSTM family (``c`` and ``h``); GRU, MGU, RNN (``h`` only): each unit keeps its
+        previous value with this probability, a fresh mask every step (Krueger et al. 2016); ``h`` is
+        computed from the new ``c`` before ``c`` is zoned out, as in the paper.
+      weight_drop: LSTM family, GRU, MGU, RNN: DropConnect on ``R``, one mask per forward pass
+        (AWD-LSTM, Merity et al. 2018).
+
     A contradictory spec raises ``ValueError`` naming both fields::
 
         >>> CellSpec(coupled=True, input_gate=False)
@@ -179,6 +211,12 @@ class CellSpec:
     reset_after: bool = False
     num_heads: int = 1
     exp_forget: bool = False
+    layer_norm: bool = False
+    recurrent_dropout: float = 0.0
+    variational_dropout: float = 0.0
+    zoneout_c: float = 0.0
+    zoneout_h: float = 0.0
+    weight_drop: float = 0.0
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -186,7 +224,7 @@ class CellSpec:
                 f"CellSpec: unknown family {self.family!r}; expected one of "
                 f"{', '.join(FAMILIES)}.{did_you_mean(str(self.family).lower(), FAMILIES)}")
         for name in ("input_gate", "forget_gate", "output_gate", "peepholes", "coupled",
-                     "full_gate_recurrence", "reset_after", "exp_forget"):
+                     "full_gate_recurrence", "reset_after", "exp_forget", "layer_norm"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"CellSpec: {name} must be a bool; got {value!r}.")
@@ -203,6 +241,15 @@ class CellSpec:
                         f"CellSpec: {name}={getattr(self, name)!r} applies to the LSTM family only; "
                         f"it contradicts family={self.family!r}. Use family='lstm' or leave "
                         f"{name} at its default {default!r}.")
+        for name in _RATES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"CellSpec: {name} is a rate in [0, 1); got {value!r}.")
+        for name, families in _REGULARIZER_FAMILIES.items():
+            if getattr(self, name) and self.family not in families:
+                raise ValueError(
+                    f"CellSpec: {name}={getattr(self, name)!r} applies to {', '.join(families)}; it contradicts "
+                    f"family={self.family!r}.")
         if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(f"CellSpec: num_heads must be an int >= 1; got {self.num_heads!r}.")
         if self.family != "slstm":
@@ -249,6 +296,14 @@ class CellSpec:
             return tuple(names)
         return {"gru": ("r", "u", "n"), "mgu": ("f", "n"), "rnn": ("h",), "slstm": ("i", "f", "z", "o"),
                 "minlstm": ("f", "i", "n"), "mingru": ("z", "n")}[self.family]
+
+    def regularizers(self) -> dict[str, Any]:
+        """The regularization fields that are on, e.g. ``{"zoneout_h": 0.1, "layer_norm": True}``."""
+        return {k: getattr(self, k) for k in ("layer_norm", *_RATES) if getattr(self, k)}
+
+    def stochastic(self) -> bool:
+        """Whether training draws masks (any rate > 0)."""
+        return any(getattr(self, k) for k in _RATES)
 
     def recurrent_gate_names(self) -> tuple[str, ...]:
         """The sigmoid gates computed from parameters (the ones FGR feeds back)."""
@@ -306,6 +361,7 @@ VARIANTS: dict[str, CellSpec] = {
     "gru": CellSpec(family="gru"),
     "mgu": CellSpec(family="mgu"),
     "rnn": CellSpec(family="rnn"),
+    "ln_lstm": CellSpec(layer_norm=True),
     "slstm": CellSpec(family="slstm"),
     "minlstm": CellSpec(family="minlstm"),
     "mingru": CellSpec(family="mingru"),
@@ -327,6 +383,7 @@ DESCRIPTIONS: dict[str, str] = {
     "gru": "GRU, Cho et al. 2014: n = tanh(W x + R (r*h)) (cuDNN/PyTorch form: CellSpec(family=\"gru\", reset_after=True))",
     "mgu": "minimal gated unit, Zhou et al. 2016",
     "rnn": "tanh RNN",
+    "ln_lstm": "LayerNorm-LSTM, Ba et al. 2016: W x, R y per gate block and c normalized",
     "slstm": "xLSTM's sLSTM, Beck et al. 2024: exponential input gate, normalizer and stabilizer states",
     "minlstm": "minLSTM, Feng et al. 2024: gates from x only, f and i normalized; impl='parallel' trains it in parallel",
     "mingru": "minGRU, Feng et al. 2024: gate and candidate from x only; impl='parallel' trains it in parallel",
@@ -443,6 +500,8 @@ def param_shapes(spec: CellSpec, in_features: int, hidden_size: int) -> dict[str
         shapes["R_gates"] = (k * H, k * H)
     if spec.reset_after:
         shapes["b_hn"] = (H,)
+    if spec.layer_norm:
+        shapes.update(ln_x_g=(n * H,), ln_h_g=(n * H,), ln_c_g=(H,), ln_c_b=(H,))
     return shapes
 
 
@@ -466,14 +525,37 @@ def _mm(h: jax.Array, w: jax.Array, acc_dtype) -> jax.Array:
     return jnp.matmul(h.astype(w.dtype), w, preferred_element_type=acc_dtype)
 
 
+LN_EPS = 1e-5  # LayerNorm's variance epsilon (PyTorch's default)
+
+
+def layer_norm(a: jax.Array, blocks: int = 1) -> jax.Array:
+    """``a [..., blocks*H]`` normalized to zero mean and unit variance within each block of ``H`` (no gain)."""
+    shape = a.shape
+    a = a.reshape(*shape[:-1], blocks, shape[-1] // blocks)
+    mu = jnp.mean(a, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(a - mu), axis=-1, keepdims=True)
+    return ((a - mu) * jax.lax.rsqrt(var + LN_EPS)).reshape(shape)
+
+
+def input_preactivations(spec: CellSpec, xw: jax.Array, params: dict[str, jax.Array]) -> jax.Array:
+    """``W x + b`` from ``xw = x @ W`` for every step at once, with ``layer_norm``'s normalization of the input
+    part (the layer calls this before the kernel; ``xp_t`` of :func:`step` is its result)."""
+    b = params["b"].astype(xw.dtype)
+    if spec.layer_norm:
+        return layer_norm(xw, len(spec.gate_names())) * params["ln_x_g"].astype(xw.dtype) + b
+    return xw + b
+
+
 def lstm_pointwise(spec: CellSpec, a: dict[str, jax.Array], c_prev: jax.Array,
-                   peep: dict[str, jax.Array]):
+                   peep: dict[str, jax.Array], *, ln_c: tuple | None = None, z_mask: jax.Array | None = None):
     """The elementwise part of an LSTM-family step, from the gates' pre-activations.
 
     ``a``: gate name -> ``W x + R y_prev (+ R_gates gates_prev) + b``, each ``[..., H]``;
     ``peep``: ``p_i``/``p_f``/``p_o`` -> ``[H]`` (empty without peepholes). Returns
     ``(c, y, acts)`` with ``acts`` the activations ``i, f, z, o`` (None for a removed gate).
-    :func:`step` and the fused kernels (:mod:`lstm_lab.kernels`) both call this.
+    :func:`step` and the fused kernels (:mod:`lstm_lab.kernels`) both call this. ``ln_c``: ``(gain, bias)``
+    of ``layer_norm``'s normalization of ``c`` before the output activation; ``z_mask``: recurrent dropout's
+    (scaled) mask on the block input.
     """
     i = jax.nn.sigmoid(a["i"] + peep["p_i"] * c_prev if "p_i" in peep else a["i"]) if spec.input_gate else None
     if spec.coupled:
@@ -483,9 +565,10 @@ def lstm_pointwise(spec: CellSpec, a: dict[str, jax.Array], c_prev: jax.Array,
     else:
         f = None
     z = ACTIVATIONS[spec.input_activation](a["z"])
-    c = (z if i is None else z * i) + (c_prev if f is None else c_prev * f)
+    zd = z if z_mask is None else z * z_mask
+    c = (zd if i is None else zd * i) + (c_prev if f is None else c_prev * f)
     o = jax.nn.sigmoid(a["o"] + peep["p_o"] * c if "p_o" in peep else a["o"]) if spec.output_gate else None
-    hc = ACTIVATIONS[spec.output_activation](c)
+    hc = ACTIVATIONS[spec.output_activation](c if ln_c is None else layer_norm(c) * ln_c[0] + ln_c[1])
     y = hc if o is None else hc * o
     return c, y, {"i": i, "f": f, "z": z, "o": o}
 
@@ -566,13 +649,52 @@ def slstm_pointwise(spec: CellSpec, a: dict[str, jax.Array], carry: "SLSTMState"
     return SLSTMState(y, c, n, m), {"i": i, "f": f, "z": z, "o": o}
 
 
+#: Masks of :func:`draw_noise` that change every step (``[T, B, H]``); the others are per sequence.
+PER_STEP_NOISE = ("z_mask", "zc_mask", "zh_mask")
+
+
+def draw_noise(spec: CellSpec, key: jax.Array, T: int, B: int, in_features: int, R_shape, dtype) -> dict:
+    """Training's masks for one direction of one layer, from ``key``: ``x_mask`` ``[B, in]`` and ``h_mask``
+    ``[B, H]`` (variational dropout, one per sequence), ``z_mask`` ``[T, B, H]`` (recurrent dropout),
+    ``zc_mask``/``zh_mask`` ``[T, B, H]`` (zoneout: 1 = keep the previous value), ``R_mask`` (weight drop, one
+    per forward pass, the shape of ``R``). Dropout masks are scaled by ``1 / (1 - rate)``; only the masks of the
+    rates that are on are drawn."""
+    H = R_shape[0] if len(R_shape) == 2 else R_shape[0] * R_shape[1]
+    k = dict(zip(("x", "h", "z", "zc", "zh", "R"), jax.random.split(key, 6)))
+
+    def keep(name, rate, shape):  # inverted dropout
+        return jax.random.bernoulli(k[name], 1.0 - rate, shape).astype(dtype) / jnp.asarray(1.0 - rate, dtype)
+
+    out = {}
+    if spec.variational_dropout:
+        out["x_mask"] = keep("x", spec.variational_dropout, (B, in_features))
+        out["h_mask"] = keep("h", spec.variational_dropout, (B, H))
+    if spec.recurrent_dropout:
+        out["z_mask"] = keep("z", spec.recurrent_dropout, (T, B, H))
+    if spec.zoneout_c:
+        out["zc_mask"] = jax.random.bernoulli(k["zc"], spec.zoneout_c, (T, B, H)).astype(dtype)
+    if spec.zoneout_h:
+        out["zh_mask"] = jax.random.bernoulli(k["zh"], spec.zoneout_h, (T, B, H)).astype(dtype)
+    if spec.weight_drop:
+        out["R_mask"] = keep("R", spec.weight_drop, tuple(R_shape))
+    return out
+
+
 def rnn_pointwise(a: jax.Array) -> jax.Array:
     """The tanh RNN's output from its pre-activation ``x W + b + h R``."""
     return jnp.tanh(a)
 
 
+def _zoneout(rate: float, mask, prev: jax.Array, new: jax.Array) -> jax.Array:
+    """Zoneout: each unit keeps ``prev`` where ``mask`` is 1 (training), or ``rate`` of it (evaluation)."""
+    if mask is None and not rate:
+        return new
+    keep = jnp.asarray(rate, new.dtype) if mask is None else mask
+    return keep * prev + (1.0 - keep) * new
+
+
 def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *, trace: bool = False,
-         rec: jax.Array | None = None):
+         rec: jax.Array | None = None, noise: dict[str, jax.Array] | None = None):
     """One time step of the cell ``spec``: ``(params, carry, xp_t) -> (carry, y_t[, trace])``.
 
     Args:
@@ -588,6 +710,9 @@ def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *
         :meth:`CellSpec.gate_names`.
       trace: also return a dict of the activations named by
         :func:`trace_names` (a removed gate as ones), each ``[batch..., H]``.
+      noise: training's masks for this step (:func:`draw_noise`, per-step ones already at ``t``): ``h_mask``
+        (variational dropout on ``y_{t-1}`` into ``R``), ``z_mask`` (recurrent dropout), ``zc_mask`` and
+        ``zh_mask`` (zoneout, 1 = keep the previous value); None: evaluation (zoneout takes its expectation).
 
     Returns:
       ``(new_carry, y_t)`` with ``y_t`` ``[batch..., H]`` (``new_carry.h``), or
@@ -596,16 +721,24 @@ def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *
     acc = carry.h.dtype
     xp_t = xp_t.astype(acc)
     h_prev = carry.h
+    noise = noise or {}
+    h_in = h_prev * noise["h_mask"] if "h_mask" in noise else h_prev  # what R reads
     if spec.family == "lstm":
         names = spec.gate_names()
         # rec: the recurrent product h_prev @ R computed by the caller (LSTM family; the custom VJP)
-        a = _split(xp_t + (_mm(h_prev, params["R"], acc) if rec is None else rec), names)
+        r = _mm(h_in, params["R"], acc) if rec is None else rec
+        if spec.layer_norm:
+            r = layer_norm(r, len(names)) * params["ln_h_g"].astype(acc)
+        a = _split(xp_t + r, names)
         gate_rec = spec.recurrent_gate_names()
         if spec.full_gate_recurrence:
             extra = _split(_mm(carry.gates, params["R_gates"], acc), gate_rec)
             a = {k: (v + extra[k] if k in extra else v) for k, v in a.items()}
         peep = {p: params[p].astype(acc) for p in spec.peephole_names()}
-        c, y, acts = lstm_pointwise(spec, a, carry.c, peep)
+        ln_c = (params["ln_c_g"].astype(acc), params["ln_c_b"].astype(acc)) if spec.layer_norm else None
+        c, y, acts = lstm_pointwise(spec, a, carry.c, peep, ln_c=ln_c, z_mask=noise.get("z_mask"))
+        c = _zoneout(spec.zoneout_c, noise.get("zc_mask"), carry.c, c)
+        y = _zoneout(spec.zoneout_h, noise.get("zh_mask"), h_prev, y)
         if spec.full_gate_recurrence:
             new_carry = FGRState(y, c, jnp.concatenate([acts[g] for g in gate_rec], axis=-1))
         else:
@@ -618,20 +751,25 @@ def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *
         H = h_prev.shape[-1]
         x = _split(xp_t, ("r", "u", "n"))
         if spec.reset_after:
-            hr = _split(_mm(h_prev, R, acc), ("r", "u", "n"))
+            hr = _split(_mm(h_in, R, acc), ("r", "u", "n"))
         else:
-            hr = _split(_mm(h_prev, R[:, :2 * H], acc), ("r", "u"))
+            hr = _split(_mm(h_in, R[:, :2 * H], acc), ("r", "u"))
         r, u = gru_gates(x["r"] + hr["r"], x["u"] + hr["u"])
-        q = hr["n"] if spec.reset_after else _mm(r * h_prev, R[:, 2 * H:], acc)
+        q = hr["n"] if spec.reset_after else _mm(r * h_in, R[:, 2 * H:], acc)
         n, y = gru_candidate(spec, x["n"], q, r, u, h_prev, params.get("b_hn"))
+        if "z_mask" in noise:  # recurrent dropout on the candidate
+            n = n * noise["z_mask"]
+            y = (1.0 - u) * n + u * h_prev
+        y = _zoneout(spec.zoneout_h, noise.get("zh_mask"), h_prev, y)
         new_carry = HiddenState(y)
         tr = {"r": r, "u": u, "n": n, "h": y} if trace else None
     elif spec.family == "mgu":
         R = params["R"]
         H = h_prev.shape[-1]
         x = _split(xp_t, ("f", "n"))
-        f = mgu_gate(x["f"] + _mm(h_prev, R[:, :H], acc))
-        n, y = mgu_candidate(x["n"], _mm(f * h_prev, R[:, H:], acc), f, h_prev)
+        f = mgu_gate(x["f"] + _mm(h_in, R[:, :H], acc))
+        n, y = mgu_candidate(x["n"], _mm(f * h_in, R[:, H:], acc), f, h_prev)
+        y = _zoneout(spec.zoneout_h, noise.get("zh_mask"), h_prev, y)
         new_carry = HiddenState(y)
         tr = {"f": f, "n": n, "h": y} if trace else None
     elif spec.family == "slstm":
@@ -652,7 +790,8 @@ def step(spec: CellSpec, params: dict[str, jax.Array], carry, xp_t: jax.Array, *
         else:
             tr = None
     else:  # rnn
-        y = rnn_pointwise(xp_t + _mm(h_prev, params["R"], acc))
+        y = rnn_pointwise(xp_t + _mm(h_in, params["R"], acc))
+        y = _zoneout(spec.zoneout_h, noise.get("zh_mask"), h_prev, y)
         new_carry = HiddenState(y)
         tr = {"h": y} if trace else None
     if trace:

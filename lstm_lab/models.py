@@ -78,7 +78,7 @@ class SequenceModel(nnx.Module):
         past each row's end its carry is frozen and its outputs are zero (a bidirectional layer reads no padding)."""
         cfg = self.cfg
         if train and key is None and (cfg.dropout or cfg.output_dropout or cfg.input_noise or
-                                      self.rnn.dropout is not None):
+                                      self.rnn.dropout is not None or self.rnn.spec.stochastic()):
             raise ValueError("SequenceModel: train=True with dropout or input noise needs a PRNG key.")
         keys = jax.random.split(key, 4) if key is not None else [None] * 4
         if self.input_kind == "tokens":

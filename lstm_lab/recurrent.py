@@ -115,6 +115,9 @@ def init_params(spec: CellSpec, in_features: int, hidden_size: int, key: jax.Arr
         params["R_gates"] = jax.nn.initializers.lecun_normal()(k_g, shapes["R_gates"], param_dtype)
     if spec.reset_after:
         params["b_hn"] = jnp.zeros((H,), param_dtype)
+    if spec.layer_norm:  # gains 1, the c-norm's bias 0: LN starts as a plain normalization
+        params.update({k: jnp.ones(shapes[k], param_dtype) for k in ("ln_x_g", "ln_h_g", "ln_c_g")})
+        params["ln_c_b"] = jnp.zeros(shapes["ln_c_b"], param_dtype)
     assert {k: v.shape for k, v in params.items()} == shapes
     return params
 
@@ -187,7 +190,7 @@ def _flip(a: jax.Array, lengths: jax.Array | None) -> jax.Array:
 
 def run_direction(impl: "str | kernels.Kernel", spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array,
                   carry0, *, lengths: jax.Array | None = None, reverse: bool = False, trace: bool = False,
-                  **options):
+                  noise: dict[str, jax.Array] | None = None, **options):
     """Run one direction of one layer over time with the kernel ``impl`` (a registered name or a
     :class:`~lstm_lab.kernels.Kernel`).
 
@@ -201,6 +204,10 @@ def run_direction(impl: "str | kernels.Kernel", spec: CellSpec, params: dict[str
       reverse: run each sequence's valid steps backwards; outputs are
         returned in the original time order.
       trace: also return the gate activations, each ``[T, B, H]`` (a kernel with a ``trace``).
+      noise: training's in-step masks (:func:`lstm_lab.cells.draw_noise`: ``h_mask``, ``z_mask``, ``zc_mask``,
+        ``zh_mask``; the per-step ones ``[T, B, H]`` in the original time order: the mask of time ``t`` goes
+        with the step that reads ``x_t`` in either direction), for a kernel that takes in-step
+        regularization (``scan``); None: evaluation.
       options: the kernel's (``unroll``; ``remat`` for ``scan_vjp``; the Pallas kernel's ``block_b``, ...).
 
     Returns:
@@ -208,6 +215,9 @@ def run_direction(impl: "str | kernels.Kernel", spec: CellSpec, params: dict[str
       sequence's end, as are the traces.
     """
     kernel = kernels.get(impl) if isinstance(impl, str) else impl
+    if noise:
+        noise = {k: (_flip(v, lengths) if reverse and k in _cells.PER_STEP_NOISE else v) for k, v in noise.items()}
+        options = {**options, "noise": noise}
     if reverse:
         xp = _flip(xp, lengths)
     mask = None if lengths is None else jnp.arange(xp.shape[0])[:, None] < lengths[None, :]
@@ -515,6 +525,11 @@ class RNN(nnx.Module):
         flat_len = None if lengths is None else lengths.reshape(B).astype(jnp.int32)
         finals = []
         options = {"unroll": self.unroll, "remat": self.remat, **self.kernel_options}
+        training_noise = not deterministic and self.spec.stochastic()
+        if training_noise and dropout_key is None:
+            raise ValueError(f"RNN: deterministic=False with the cell's regularization "
+                             f"({', '.join(f'{k}={v}' for k, v in self.spec.regularizers().items())}) needs "
+                             f"dropout_key=<a jax.random key> for its masks.")
         for li, layer_cells in enumerate(self.cells):
             outs, layer_final = [], []
             for d, cell in enumerate(layer_cells):
@@ -522,7 +537,18 @@ class RNN(nnx.Module):
                 p = {k: v.astype(cd if k in ("W", "R", "R_gates") else acc) for k, v in p.items()}
                 kernel = kernels.resolve(self.impl, self.spec, hidden_size=self.hidden_size, dtype=cd,
                                          trace=trace_at == (li, d))
-                xp = (project if kernel.forward_mode else _project_vjp)(h, p["W"], p["b"], acc)
+                noise, h_in = None, h
+                if training_noise:
+                    noise = self.noise(dropout_key, li, d, T, B, acc)
+                    if "x_mask" in noise:
+                        h_in = h * noise.pop("x_mask")[None].astype(cd)
+                    if "R_mask" in noise:
+                        p["R"] = p["R"] * noise.pop("R_mask").astype(cd)
+                proj = project if kernel.forward_mode else _project_vjp
+                if self.spec.layer_norm:
+                    xp = _cells.input_preactivations(self.spec, proj(h_in, p["W"], jnp.zeros_like(p["b"]), acc), p)
+                else:
+                    xp = proj(h_in, p["W"], p["b"], acc)
                 if initial_carry is None:
                     c0 = _cells.zero_carry(self.spec, self.hidden_size, (B,), acc)
                 else:
@@ -530,7 +556,7 @@ class RNN(nnx.Module):
                                       initial_carry[li][d])
                 want_trace = trace_at == (li, d)
                 ys, cf, tr = run_direction(kernel, self.spec, p, xp, c0, lengths=flat_len, reverse=d == 1,
-                                           trace=want_trace, **kernel.options_from(options))
+                                           trace=want_trace, noise=noise, **kernel.options_from(options))
                 if want_trace:
                     return {k: self._unflatten(v, batch_shape, T) for k, v in tr.items()}
                 outs.append(ys.astype(cd))
@@ -541,6 +567,14 @@ class RNN(nnx.Module):
                 h = self.dropout(h, deterministic=False, rngs=key)
             finals.append(tuple(layer_final))
         return self._unflatten(h, batch_shape, T), tuple(finals)
+
+    def noise(self, dropout_key: jax.Array, layer: int, direction: int, T: int, B: int, dtype=jnp.float32) -> dict:
+        """The training masks of the cell's regularization that ``layer(x, deterministic=False,
+        dropout_key=dropout_key)`` draws for ``layer``/``direction`` (:func:`lstm_lab.cells.draw_noise`), for a
+        flat batch of ``B`` sequences of ``T`` steps: for tests and for looking at them."""
+        key = jax.random.fold_in(jax.random.fold_in(dropout_key, 0x5EED), 2 * layer + direction)
+        cell = self.cells[layer][direction]
+        return _cells.draw_noise(self.spec, key, T, B, cell.W.shape[0], cell.R.shape, dtype)
 
     def _unflatten(self, a, batch_shape, T):
         """``[T, B, K]`` -> the layer's layout with the batch axes restored."""

@@ -41,7 +41,12 @@ def check_preset(name: str, *, seed: int = 0, batch: int = 3, T: int = 12, F: in
         c_prev = np.concatenate([np.zeros((batch, 1, H)), tr["c"][:, :-1]], axis=1)
         err["c = z*i + c_prev*f"] = float(np.abs(tr["c"] - (tr["z"] * tr["i"] + c_prev * tr["f"])).max())
         h = ACTIVATIONS[spec.output_activation]
-        err["y = h(c)*o"] = float(np.abs(tr["y"] - np.asarray(h(jnp.asarray(tr["c"]))) * tr["o"]).max())
+        c = tr["c"]
+        if spec.layer_norm:  # y = h(LN(c) * gain + bias)
+            cell = layer.cells[0][0]
+            c = ((c - c.mean(-1, keepdims=True)) / np.sqrt(c.var(-1, keepdims=True) + 1e-5)
+                 * np.asarray(cell.ln_c_g[...], np.float64) + np.asarray(cell.ln_c_b[...], np.float64))
+        err["y = h(c)*o"] = float(np.abs(tr["y"] - np.asarray(h(jnp.asarray(c))) * tr["o"]).max())
         for gate, flag in (("i", spec.input_gate), ("f", spec.forget_gate), ("o", spec.output_gate)):
             if not flag:
                 err[f"{gate} == 1 (removed)"] = float(np.abs(tr[gate] - 1).max())

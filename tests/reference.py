@@ -63,23 +63,49 @@ def _slstm_rec(spec, R, y_prev, H):
     return out
 
 
-def run_sequence(spec, p, x, state):
+def LN(v, gain, bias=0.0):
+    """Layer normalization of one vector (population variance, eps 1e-5), then gain and bias."""
+    return (v - v.mean()) / np.sqrt(v.var() + 1e-5) * gain + bias
+
+
+def run_sequence(spec, p, x, state, noise=None):
     """Run one sequence ``x [L, F]`` from ``state`` (dict of 1-D arrays).
+
+    ``noise``: training's masks for this sequence (the regularization fields of the spec), as drawn by the
+    layer: ``x_mask [F]``, ``h_mask [H]`` (variational dropout, scaled), ``z_mask [L, H]`` (recurrent dropout,
+    scaled), ``zc_mask``/``zh_mask [L, H]`` (zoneout: 1 keeps the previous value), ``R_mask`` (weight drop,
+    scaled), the per-step ones in this sequence's step order; None: evaluation (dropout off, zoneout's
+    expectation).
 
     Returns outputs ``[L, H]``, the final state dict and per-step traces.
     """
     p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    noise = {k: np.asarray(v, np.float64) for k, v in (noise or {}).items()}
+    if "R_mask" in noise:
+        p["R"] = p["R"] * noise["R_mask"]
     H = hidden_size(spec, p)
     names = spec.gate_names()
     blk = _blocks(p, names, H)
     ys, traces = [], []
     st = {k: np.asarray(v, np.float64).copy() for k, v in state.items()}
-    for x_t in np.asarray(x, np.float64):
-        pre = {g: x_t @ blk[g][0] + blk[g][2] for g in names}
+
+    def zone(rate, key, t, prev, new):
+        d = noise[key][t] if key in noise else rate  # training: the mask; evaluation: the expectation
+        return d * prev + (1.0 - d) * new
+
+    for t, x_t in enumerate(np.asarray(x, np.float64)):
+        if "x_mask" in noise:
+            x_t = x_t * noise["x_mask"]
+        if spec.layer_norm:
+            pre = {g: LN(x_t @ blk[g][0], p["ln_x_g"][j * H:(j + 1) * H]) + blk[g][2] for j, g in enumerate(names)}
+        else:
+            pre = {g: x_t @ blk[g][0] + blk[g][2] for g in names}
+        y_in = st["h"] * noise["h_mask"] if "h_mask" in noise else st["h"]  # what R reads
         if spec.family == "lstm":
             y_prev, c_prev = st["h"], st["c"]
-            for g in names:
-                pre[g] = pre[g] + y_prev @ blk[g][1]
+            for j, g in enumerate(names):
+                rec = y_in @ blk[g][1]
+                pre[g] = pre[g] + (LN(rec, p["ln_h_g"][j * H:(j + 1) * H]) if spec.layer_norm else rec)
             rec = [g for g in ("i", "f", "o") if g in names]
             if spec.full_gate_recurrence:
                 # R_gates rows: previous activation blocks; columns: receiving gate blocks
@@ -89,6 +115,8 @@ def run_sequence(spec, p, x, state):
                         Rab = p["R_gates"][a_idx * H:(a_idx + 1) * H, b_idx * H:(b_idx + 1) * H]
                         pre[bname] = pre[bname] + prev_a @ Rab
             z = ACT[spec.input_activation](pre["z"])
+            if "z_mask" in noise:  # recurrent dropout on the block input
+                z = z * noise["z_mask"][t]
             if spec.input_gate:
                 i = sigmoid(pre["i"] + (p["p_i"] * c_prev if spec.peepholes else 0.0))
             else:
@@ -104,7 +132,9 @@ def run_sequence(spec, p, x, state):
                 o = sigmoid(pre["o"] + (p["p_o"] * c if spec.peepholes else 0.0))
             else:
                 o = np.ones(H)
-            y = ACT[spec.output_activation](c) * o
+            y = ACT[spec.output_activation](LN(c, p["ln_c_g"], p["ln_c_b"]) if spec.layer_norm else c) * o
+            c = zone(spec.zoneout_c, "zc_mask", t, c_prev, c)
+            y = zone(spec.zoneout_h, "zh_mask", t, y_prev, y)
             st = {"h": y, "c": c}
             if spec.full_gate_recurrence:
                 act = {"i": i, "f": f, "o": o}
@@ -112,20 +142,22 @@ def run_sequence(spec, p, x, state):
             traces.append({"i": i, "f": f, "o": o, "z": z, "c": c, "y": y})
         elif spec.family == "gru":
             h = st["h"]
-            r = sigmoid(pre["r"] + h @ blk["r"][1])
-            u = sigmoid(pre["u"] + h @ blk["u"][1])
+            r = sigmoid(pre["r"] + y_in @ blk["r"][1])
+            u = sigmoid(pre["u"] + y_in @ blk["u"][1])
             if spec.reset_after:
-                n = np.tanh(pre["n"] + r * (h @ blk["n"][1] + p["b_hn"]))
+                n = np.tanh(pre["n"] + r * (y_in @ blk["n"][1] + p["b_hn"]))
             else:
-                n = np.tanh(pre["n"] + (r * h) @ blk["n"][1])
-            y = (1.0 - u) * n + u * h
+                n = np.tanh(pre["n"] + (r * y_in) @ blk["n"][1])
+            if "z_mask" in noise:  # recurrent dropout on the candidate
+                n = n * noise["z_mask"][t]
+            y = zone(spec.zoneout_h, "zh_mask", t, h, (1.0 - u) * n + u * h)
             st = {"h": y}
             traces.append({"r": r, "u": u, "n": n, "h": y})
         elif spec.family == "mgu":
             h = st["h"]
-            f = sigmoid(pre["f"] + h @ blk["f"][1])
-            n = np.tanh(pre["n"] + (f * h) @ blk["n"][1])
-            y = (1.0 - f) * h + f * n
+            f = sigmoid(pre["f"] + y_in @ blk["f"][1])
+            n = np.tanh(pre["n"] + (f * y_in) @ blk["n"][1])
+            y = zone(spec.zoneout_h, "zh_mask", t, h, (1.0 - f) * h + f * n)
             st = {"h": y}
             traces.append({"f": f, "n": n, "h": y})
         elif spec.family == "slstm":
@@ -162,7 +194,7 @@ def run_sequence(spec, p, x, state):
             st = {"h": y}
             traces.append({"z": z, "n": n, "h": y})
         else:
-            y = np.tanh(pre["h"] + st["h"] @ blk["h"][1])
+            y = zone(spec.zoneout_h, "zh_mask", t, st["h"], np.tanh(pre["h"] + y_in @ blk["h"][1]))
             st = {"h": y}
             traces.append({"h": y})
         ys.append(y)
@@ -180,7 +212,7 @@ def zero_state(spec, H):
     return st
 
 
-def run_layer(spec, params, x, *, lengths=None, initial=None, want_trace=None):
+def run_layer(spec, params, x, *, lengths=None, initial=None, want_trace=None, noise=None):
     """The whole stack, batch-major.
 
     Args:
@@ -189,6 +221,9 @@ def run_layer(spec, params, x, *, lengths=None, initial=None, want_trace=None):
       lengths: ``[B]`` or None.
       initial: ``initial[layer][direction]`` dicts of ``[B, size]`` arrays, or None.
       want_trace: ``(layer, direction)`` to also return traces ``{name: [B, T, H]}``.
+      noise: ``noise[layer][direction]`` dicts of training masks (see :func:`run_sequence`) with a batch axis:
+        ``x_mask [B, F]``, ``h_mask [B, H]``, per-step ``[T, B, H]`` in the original time order (the mask of time
+        ``t`` goes with the step that reads ``x_t``, in either direction), ``R_mask``; None: evaluation.
 
     Returns:
       ``(y [B, T, D*H], finals[layer][direction] dicts of [B, size], traces or None)``.
@@ -215,7 +250,17 @@ def run_layer(spec, params, x, *, lengths=None, initial=None, want_trace=None):
                     seq = seq[::-1]
                 st0 = zero_state(spec, H) if initial is None else {
                     k: np.asarray(v, np.float64)[b] for k, v in initial[li][d].items()}
-                ys, st, trs = run_sequence(spec, p, seq, st0)
+                nz = None
+                if noise is not None:
+                    nz = {}
+                    for k, v in noise[li][d].items():
+                        v = np.asarray(v, np.float64)
+                        if k in ("z_mask", "zc_mask", "zh_mask"):
+                            v = v[:L, b][::-1] if d == 1 else v[:L, b]
+                        elif k != "R_mask":
+                            v = v[b]
+                        nz[k] = v
+                ys, st, trs = run_sequence(spec, p, seq, st0, nz)
                 if d == 1:
                     ys = ys[::-1]
                     trs = trs[::-1]

@@ -12,10 +12,10 @@ from lstm_lab import CellSpec, VARIANTS
 from lstm_lab.cells import param_shapes, resolve_cell
 
 PRESETS = ["lstm", "vanilla", "peephole", "nig", "nfg", "nog", "niaf", "noaf", "np", "cifg", "fgr",
-           "gru", "mgu", "rnn", "slstm", "minlstm", "mingru"]
+           "gru", "mgu", "rnn", "ln_lstm", "slstm", "minlstm", "mingru"]
 
 
-def test_the_seventeen_presets():
+def test_the_eighteen_presets():
     assert list(VARIANTS) == PRESETS
     assert VARIANTS["peephole"] == VARIANTS["vanilla"]
     assert VARIANTS["np"] == VARIANTS["lstm"]
@@ -35,7 +35,7 @@ def test_specs_are_frozen_and_hashable():
     spec = VARIANTS["cifg"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.peepholes = False
-    assert len({VARIANTS[p] for p in PRESETS}) == 15  # two aliases
+    assert len({VARIANTS[p] for p in PRESETS}) == 16  # two aliases
 
 
 # Written from the layout documented in lstm_lab.cells, at in=3, H=2.
@@ -52,6 +52,7 @@ EXPECTED_PARAMS = {
     "gru": {"W": (3, 6), "R": (2, 6), "b": (6,)},
     "mgu": {"W": (3, 4), "R": (2, 4), "b": (4,)},
     "rnn": {"W": (3, 2), "R": (2, 2), "b": (2,)},
+    "ln_lstm": {"W": (3, 8), "R": (2, 8), "b": (8,), "ln_x_g": (8,), "ln_h_g": (8,), "ln_c_g": (2,), "ln_c_b": (2,)},
     "slstm": {"W": (3, 8), "R": (2, 8), "b": (8,)},
     "minlstm": {"W": (3, 6), "b": (6,)},  # no R: the gates see x only
     "mingru": {"W": (3, 4), "b": (4,)},

@@ -16,11 +16,12 @@ def test_variants_lists_every_preset(capsys):
     assert main(["variants"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     rows = {line.split()[0]: line for line in lines[2:]}
-    assert list(rows) == list(VARIANTS) and len(rows) == 17
+    assert list(rows) == list(VARIANTS) and len(rows) == 18
     # parameter count at in = hidden = 128: 4 blocks of (128*128 + 128*128 + 128), plus 3 peepholes
     assert "131,584" in rows["lstm"] and "131,968" in rows["vanilla"]
     assert "coupled=True" in rows["cifg"] and "gru" in rows["gru"].split()[1]
     # sLSTM: 4 blocks like the LSTM; minLSTM: 3 blocks of (128*128 + 128), no R; minGRU: 2
+    assert "132,864" in rows["ln_lstm"]  # lstm + 2 gains of 4*128 + the c-norm's gain and bias
     assert "131,584" in rows["slstm"] and "49,536" in rows["minlstm"] and "33,024" in rows["mingru"]
 
 

@@ -45,7 +45,7 @@ from typing import Callable
 
 import jax
 
-__all__ = ["Kernel", "register", "unregister", "get", "names", "IMPLS", "DEFAULT", "AUTO_IMPL", "impl_unsupported",
+__all__ = ["Kernel", "in_step_unsupported", "register", "unregister", "get", "names", "IMPLS", "DEFAULT", "AUTO_IMPL", "impl_unsupported",
            "resolve_impl", "resolve", "kernel_option_names"]
 
 # name -> the module whose KERNEL it is, imported on first use
@@ -75,6 +75,17 @@ AUTO_IMPL: dict[tuple[str, str], "str | tuple[str, ...]"] = {
     ("cpu", "rnn"): "native",
     ("gpu", "lstm"): "scan_vjp",
 }
+
+
+def in_step_unsupported(name: str, spec) -> str | None:
+    """For a kernel that does not implement the in-step regularization (:data:`lstm_lab.cells.IN_STEP_REGULARIZERS`):
+    the reason, naming the fields that are on, or None."""
+    from lstm_lab.cells import IN_STEP_REGULARIZERS
+
+    on = [f"{k}={getattr(spec, k)!r}" for k in IN_STEP_REGULARIZERS if getattr(spec, k)]
+    if on:
+        return f"impl={name!r} does not implement {', '.join(on)} inside its recurrence (impl='scan' does)"
+    return None
 
 
 def _supports_everything(spec, hidden_size, **_) -> None:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from lstm_lab import cells as _cells
 from lstm_lab.cells import CellSpec
-from lstm_lab.kernels import Kernel
+from lstm_lab.kernels import Kernel, in_step_unsupported
 from lstm_lab.kernels.scan import masked_step
 
 __all__ = ["scan_vjp", "KERNEL"]
@@ -29,7 +29,7 @@ __all__ = ["scan_vjp", "KERNEL"]
 def _unsupported(spec: CellSpec, hidden_size: int, **_) -> str | None:
     if spec.family != "lstm":
         return f"impl='scan_vjp' supports the LSTM family; {spec.name!r} is a {spec.family}"
-    return None
+    return in_step_unsupported("scan_vjp", spec)
 
 
 def scan_vjp(spec: CellSpec, params: dict[str, jax.Array], xp: jax.Array, carry0, mask: jax.Array | None = None, *,

@@ -40,7 +40,7 @@ import numpy as np
 
 from lstm_lab import cells as _cells
 from lstm_lab.cells import CellSpec
-from lstm_lab.kernels import Kernel
+from lstm_lab.kernels import Kernel, in_step_unsupported
 
 __all__ = ["native", "available", "build", "KERNEL"]
 
@@ -283,6 +283,9 @@ def _unsupported(spec: CellSpec, hidden_size: int, *, dtype=None, param_dtype=No
         return f"impl='native' runs on the CPU; the backend is {backend!r}"
     if spec.family not in _FAMILY:
         return (f"impl='native' runs the LSTM family, GRU, MGU and RNN; {spec.name!r} is a {spec.family}")
+    why = in_step_unsupported("native", spec)
+    if why:
+        return why
     if dtype is not None and jnp.dtype(dtype) != jnp.float32:
         return f"impl='native' computes in float32; dtype={jnp.dtype(dtype).name}"
     return _load()

@@ -113,6 +113,11 @@ def pallas_unsupported(spec: CellSpec, hidden_size: int, dtype=None, param_dtype
     """Why ``impl="pallas"`` cannot run ``spec`` at ``hidden_size``, or None when it can."""
     if spec.family not in ("lstm", "gru", "mgu", "rnn"):
         return (f"impl='pallas' runs the LSTM family, GRU, MGU and RNN; {spec.name!r} is a {spec.family}")
+    from lstm_lab.kernels import in_step_unsupported
+
+    why = in_step_unsupported("pallas", spec)
+    if why:
+        return why
     why = unsupported_dtype(dtype=dtype, param_dtype=param_dtype)
     if why:
         return why
