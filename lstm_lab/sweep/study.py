@@ -23,6 +23,12 @@ study's trials do not depend on how many workers ran it or in which order);
 ``tpe`` and ``qmc`` leave them to Optuna's sampler, asked when the trial
 starts.
 
+A space key is a dotted config key (``model.hidden_size``) or
+``model.cell.<field>``, a :class:`~lstm_lab.CellSpec` field other than
+``family``, searched on every variant's cell (``"model.cell.zoneout_h":
+Uniform(0.0, 0.3)``, ``"model.cell.layer_norm": Choice(False, True)``; see
+:class:`Study`).
+
 :func:`prepare_study` plans a study into its directory and database, once however many processes start
 together (see :mod:`lstm_lab.sweep.storage` for the study directory's files).
 """
@@ -56,6 +62,23 @@ __all__ = ["Study", "LogUniform", "Uniform", "OneMinusLogUniform", "IntLogUnifor
 SEARCHES = ("random", "grid", "tpe", "qmc")
 ODYSSEY_VARIANTS = ("vanilla", "nig", "nfg", "nog", "niaf", "noaf", "np", "cifg", "fgr")
 
+#: a space key ``model.cell.<field>`` searches one CellSpec field of every variant's cell
+CELL_PREFIX = "model.cell."
+
+
+def cell_fields() -> list[str]:
+    """The CellSpec fields a study may search as ``model.cell.<field>`` (all but ``family``: the variant's)."""
+    from lstm_lab.cells import CellSpec
+
+    return [f.name for f in dataclasses.fields(CellSpec) if f.name != "family"]
+
+
+def split_cell_params(hyper: dict) -> tuple[dict, dict]:
+    """``hyper`` split into its config overrides and its CellSpec fields (``model.cell.<field>`` keys, as
+    ``{field: value}``)."""
+    cell = {k[len(CELL_PREFIX):]: v for k, v in hyper.items() if str(k).startswith(CELL_PREFIX)}
+    return {k: v for k, v in hyper.items() if not str(k).startswith(CELL_PREFIX)}, cell
+
 
 _LOADING: list[str] = []  # the study file being executed (relative ``base`` paths resolve against it)
 
@@ -76,13 +99,30 @@ class Study:
     training config (the config's own rules decide); otherwise a :class:`StudyError` names the variant,
     the key and the value.
 
+    Searching the cell: a space key ``model.cell.<field>`` (a :class:`~lstm_lab.CellSpec` field other than
+    ``family``, which the variant decides) samples that field for every variant. Each trial's ``model.cell``
+    is then the variant's cell as a dict of CellSpec fields with the sampled values merged in
+    (:meth:`cell_for`); the values are recorded as the trial's parameters under the full key, like any
+    other. Every range end (every Choice value), and every combination of them across the ``model.cell.*``
+    keys, must make a valid cell for every variant: a rate that does not apply to a variant's family
+    (``zoneout_c`` on a GRU) is refused when the study is made. Trials whose cells differ (another rate)
+    train in different populations (:func:`~lstm_lab.training.population_key` keys on ``model.cell``)::
+
+        Study(name="reg", base="copy.py", variants=["lstm", "gru"], baseline="lstm",
+              space={"optim.learning_rate": LogUniform(1e-3, 1e-1),
+                     "model.cell.zoneout_h": Uniform(0.0, 0.3),             # LSTM family, GRU, MGU, RNN
+                     "model.cell.variational_dropout": Choice(0.0, 0.25)})
+
+    (``"model.cell.layer_norm": Choice(False, True)`` there would be refused: layer norm is the LSTM family's,
+    so it is searched with LSTM-family variants only, e.g. ``["lstm", "cifg"]``.)
+
     Args:
       name: the Optuna study name (one database may hold many studies).
       base: the base training config: an experiment file (path relative to
         the study file) or a dict of dotted overrides.
       variants: cell presets (``lstm-lab variants``) or dicts ``{"name": ...,
         **CellSpec fields}``; each becomes ``model.cell``.
-      space: dotted config key -> distribution.
+      space: dotted config key (or ``model.cell.<field>``) -> distribution.
       trials_per_variant: hyperparameter samples per variant (random, tpe,
         qmc); grid search runs the whole grid for each variant instead.
       seeds: runs per hyperparameter sample, with seeds ``0..seeds-1`` offset
@@ -181,9 +221,22 @@ class Study:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise StudyError(f"study {name} must be an integer >= 1; got {getattr(self, name)!r}.")
         keys = flat_keys()
+        cell_keys = [CELL_PREFIX + f for f in cell_fields()]
         for key, dist in self.space.items():
-            if key not in keys or key == "model.cell":
-                raise StudyError(f"study space: {key!r} is not a config key.{did_you_mean(key, keys)}")
+            if not isinstance(key, str):
+                raise StudyError(f"study space: keys are dotted config keys (strings); got {key!r}.")
+            if key == CELL_PREFIX + "family":
+                raise StudyError(f"study space: {key!r} cannot be searched: each variant decides its cell's "
+                                 f"family (list variants of each family instead).")
+            if key.startswith(CELL_PREFIX):
+                if key not in cell_keys:
+                    raise StudyError(f"study space: {key!r} is not a CellSpec field (model.cell.<field>)."
+                                     f"{did_you_mean(key, cell_keys)}")
+            elif key == "model.cell":
+                raise StudyError("study space: 'model.cell' is the variant; search a field of it as "
+                                 "'model.cell.<field>' (e.g. 'model.cell.zoneout_h').")
+            elif key not in keys:
+                raise StudyError(f"study space: {key!r} is not a config key.{did_you_mean(key, keys + cell_keys)}")
             if not isinstance(dist, _Dist):
                 raise StudyError(f"study space {key!r}: expected a distribution (LogUniform, Uniform, "
                                  f"OneMinusLogUniform, IntLogUniform, IntUniform, Choice); got {dist!r}.")
@@ -205,14 +258,35 @@ class Study:
                 raise StudyError(f"study variant {variant!r} with the base config: "
                                  f"{error_message(e, first_line=True)}") from None
             for key, dist in sorted(self.space.items()):
-                for value in dist.extremes():
+                for value in _extremes(key, dist):
                     try:
                         self.config_for(variant, {key: value}, 0)
                     except (ValueError, TypeError, KeyError) as e:
+                        fix = ("A model.cell.* key applies to every variant: narrow the distribution, or leave "
+                               "the variant out." if key.startswith(CELL_PREFIX) else
+                               "Narrow the distribution (or change the base config).")
                         raise StudyError(f"study space {key!r}: {dist!r} reaches {key}={value!r}, an invalid config "
                                          f"(variant {variant!r}): {error_message(e, first_line=True)} "
-                                         f"Narrow the distribution (or change "
-                                         f"the base config).") from None
+                                         f"{fix}") from None
+            self._check_cell_combinations(variant)
+
+    def _check_cell_combinations(self, variant: str) -> None:
+        """Every combination of the ``model.cell.*`` keys' range ends (Choice values) must make a valid
+        CellSpec on ``variant`` (CellSpec's rules relate fields: ``coupled`` needs ``input_gate``)."""
+        from lstm_lab.cells import CellSpec
+        from lstm_lab.config import cell_from_config
+
+        keys = sorted(k for k in self.space if k.startswith(CELL_PREFIX))
+        if len(keys) < 2:
+            return  # one key: checked on its own above
+        flags = cell_from_config(self.cell_of(variant)).flags()
+        for combo in itertools.product(*(_extremes(k, self.space[k]) for k in keys)):
+            try:
+                CellSpec(**{**flags, **{k[len(CELL_PREFIX):]: v for k, v in zip(keys, combo)}})
+            except (ValueError, TypeError) as e:
+                values = ", ".join(f"{k}={v!r}" for k, v in zip(keys, combo))
+                raise StudyError(f"study space: {values} together make an invalid cell (variant {variant!r}): "
+                                 f"{error_message(e, first_line=True)} Narrow the distributions.") from None
 
     # -- accessors -------------------------------------------------------------------
     @property
@@ -226,6 +300,21 @@ class Study:
             if isinstance(v, dict) and v["name"] == variant:
                 return {k: x for k, x in v.items() if k != "name"}
         raise StudyError(f"variant {variant!r} is not in study {self.name!r}.")
+
+    def cell_for(self, variant: str, hyper: dict):
+        """A trial's ``model.cell``: the variant's cell (:meth:`cell_of`) when ``hyper`` has no
+        ``model.cell.<field>`` key; else the variant's cell as a dict of every CellSpec field with those values
+        merged in (checked: ValueError/TypeError with CellSpec's own message)."""
+        from lstm_lab.cells import CellSpec
+        from lstm_lab.config import cell_from_config
+
+        cell = self.cell_of(variant)
+        sampled = split_cell_params(hyper)[1]
+        if not sampled:
+            return cell
+        merged = {**cell_from_config(cell).flags(), **sampled}
+        CellSpec(**merged)
+        return merged
 
     def base_config(self):
         """The base training config: the ``base`` file or dict, then ``overrides`` (built once per study
@@ -247,11 +336,15 @@ class Study:
         return cfg
 
     def config_for(self, variant: str, hyper: dict, seed: int):
-        """The training config of one trial: base, then the variant, the hyperparameters and the seed."""
+        """The training config of one trial: base, then the variant's overrides, the hyperparameters, the
+        variant's cell with the sampled ``model.cell.<field>`` values (:meth:`cell_for`) and the seed. The one
+        place a trial's config is made: solo runs, populations and every worker build it here."""
         from lstm_lab.config import apply_overrides
 
-        return apply_overrides(self.base_config(), {**self.variant_overrides.get(variant, {}), **hyper,
-                                                    "model.cell": self.cell_of(variant), "train.seed": int(seed)})
+        overrides = split_cell_params(hyper)[0]
+        return apply_overrides(self.base_config(), {**self.variant_overrides.get(variant, {}), **overrides,
+                                                    "model.cell": self.cell_for(variant, hyper),
+                                                    "train.seed": int(seed)})
 
     def describe_params(self) -> dict:
         return {k: {**d.describe(), "optuna_name": d.optuna_name(k)} for k, d in self.space.items()}
@@ -342,6 +435,15 @@ class Study:
         if self.search == "qmc":
             return optuna.samplers.QMCSampler(seed=self.sampler_seed)
         return optuna.samplers.RandomSampler(seed=self.sampler_seed)  # planned trials: every value is fixed
+
+
+def _extremes(key: str, dist: _Dist) -> list:
+    """The values of ``key`` a study must accept: the distribution's extremes; for a continuous distribution
+    of a ``model.cell.*`` key, as floats (what its draws are: ``Uniform(1, 4)`` is no ``num_heads``)."""
+    values = dist.extremes()
+    if key.startswith(CELL_PREFIX) and not dist.integer and not isinstance(dist, Choice):
+        values = [float(v) for v in values]
+    return values
 
 
 def load_study(path) -> Study:
