@@ -190,3 +190,35 @@ def test_bad_fields_are_one_clear_line(fields, pattern):
 def test_heads_that_do_not_divide_the_hidden_size_are_refused():
     with pytest.raises(ValueError, match="num_heads=4 must divide the hidden size; got hidden_size=6"):
         lstm_lab.RNN(3, 6, CellSpec(family="slstm", num_heads=4), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("preset,impl", [("slstm", "scan"), ("minlstm", "parallel"), ("mingru", "parallel")])
+def test_a_vmapped_population_equals_its_members(preset, impl):
+    layers = [_layer(VARIANTS[preset], 2, 4, impl=impl, seed=i) for i in range(3)]
+    graphdef = nnx.split(layers[0])[0]
+    params = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.split(layer)[1] for layer in layers])
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 2)), jnp.float32)
+    lengths = jnp.asarray([9, 4])
+
+    def run(p):
+        return nnx.merge(graphdef, p)(x, seq_lengths=lengths)[0]
+
+    pop, pop_grads = jax.vmap(lambda p: (run(p), jax.grad(lambda q: jnp.sum(run(q) ** 2))(p)))(params)
+    for i, layer in enumerate(layers):
+        p_i = nnx.split(layer)[1]
+        np.testing.assert_allclose(np.asarray(pop[i]), np.asarray(run(p_i)), rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(jax.tree.map(lambda v: v[i], pop_grads)),
+                        jax.tree.leaves(jax.grad(lambda q: jnp.sum(run(q) ** 2))(p_i))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["minlstm", "mingru"])
+def test_parallel_in_bfloat16_is_close_to_float32(preset):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 33, 3)), jnp.float32)
+    layer32 = _layer(VARIANTS[preset], 3, 8, impl="parallel", seed=1)
+    y32 = layer32(x)[0]
+    layer16 = lstm_lab.RNN(3, 8, preset, impl="parallel", dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    nnx.update(layer16, nnx.state(layer32))  # the same float32 parameters, bf16 matmuls
+    out = layer16(x)[0]
+    assert out.dtype == jnp.bfloat16
+    assert float(jnp.abs(out.astype(jnp.float32) - y32).max()) < 0.05 * max(1.0, float(jnp.abs(y32).max()))
