@@ -37,6 +37,9 @@ Parameter layout (shared by every implementation; the names are stable):
   ``i``; neither is fed.
 * ``b_hn`` ``[H]`` (GRU with ``reset_after`` only): the recurrent bias of the
   candidate, inside the reset gate, as in cuDNN and PyTorch.
+* ``ln_x_g``, ``ln_h_g`` ``[n*H]``, ``ln_c_g``, ``ln_c_b`` ``[H]`` (``layer_norm``
+  only): the gains of the normalized ``W x`` and ``R y`` blocks, the gain and
+  bias of the normalized ``c`` (:class:`CellSpec`'s regularization fields).
 
 Modern families (their fields ``num_heads`` and ``exp_forget`` belong to ``slstm`` only):
 
