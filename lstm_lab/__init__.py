@@ -2,7 +2,7 @@
 
 >>> import lstm_lab
 >>> sorted(lstm_lab.VARIANTS)[:4]
-['cifg', 'fgr', 'gru', 'lstm']
+['cifg', 'fgr', 'gru', 'ln_lstm']
 
 The submodules are attributes too, imported when first used (``import lstm_lab`` stays light:
 no optax, orbax, optuna or pandas)::
