@@ -93,16 +93,15 @@ def test_gradients_check_grads_float64(preset):
         y, final = nnx.merge(graphdef, params)(x, seq_lengths=lengths)
         return jnp.sum(jnp.sin(y)) + sum(jnp.sum(v) for v in jax.tree.leaves(final))
 
-    check_grads(f, (params, x), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
-    if impl == "scan":
-        check_grads(f, (params, x), order=2, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
+    check_grads(f, (params, x), order=1, modes=["rev"] if impl == "parallel" else ["fwd", "rev"], atol=1e-6,
+                rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
 # minLSTM / minGRU and impl="parallel"
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", ["minlstm", "mingru"])
-@pytest.mark.parametrize("T,B,H", [(1, 1, 1), (7, 3, 5), (64, 4, 8), (257, 2, 16)])
+@pytest.mark.parametrize("T,B,H", [(1, 1, 1), (7, 3, 5), (257, 2, 16)])
 def test_parallel_equals_the_scan(preset, T, B, H):
     """Outputs, final carries and gradients of every parameter, the input and the initial carry (of both
     signs), bidirectional, with lengths: float32 to 1e-5."""
