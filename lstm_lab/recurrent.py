@@ -604,7 +604,9 @@ def gate_trace(layer: RNN, x, *, layer_index: int = 0, direction: int = 0, **cal
     """Every gate of one layer and direction of ``layer`` over time.
 
     Runs ``layer`` on ``x`` (``call_kwargs`` as for ``layer(x, ...)``:
-    ``seq_lengths``, ``initial_carry``, ``deterministic``) and returns the
+    ``seq_lengths``, ``initial_carry``, ``deterministic``, ``dropout_key``: with
+    ``deterministic=False`` and a key, the activations of training with the cell's
+    regularization masks) and returns the
     activations of layer ``layer_index``, direction ``direction`` (0 forward,
     1 reverse), each ``[batch..., T, H]`` (``[T, batch..., H]`` for a
     time-major layer) in float32 (float64 for float64 compute):
@@ -613,6 +615,8 @@ def gate_trace(layer: RNN, x, *, layer_index: int = 0, direction: int = 0, **cal
       ``c`` (cell state), ``y`` (output). A gate the variant removes is ones;
       CIFG's ``f`` is ``1 - i``.
     * GRU: ``r, u, n, h``; MGU: ``f, n, h``; RNN: ``h``.
+    * sLSTM: ``i, f`` (the stabilized gates applied), ``o``, ``z``, ``c``, ``n``, ``m``, ``y``;
+      minLSTM: ``f, i`` (normalized), ``n`` (``g`` of the candidate), ``h``; minGRU: ``z, n, h``.
 
     Past each sequence's end (``seq_lengths``) every trace is zero.
 
@@ -631,12 +635,12 @@ def gate_trace(layer: RNN, x, *, layer_index: int = 0, direction: int = 0, **cal
     if not 0 <= direction < layer.num_directions:
         raise ValueError(f"gate_trace: direction must be in 0..{layer.num_directions - 1} "
                          f"(bidirectional={layer.bidirectional}); got {direction}.")
-    unknown = set(call_kwargs) - {"seq_lengths", "initial_carry", "deterministic"}
+    unknown = set(call_kwargs) - {"seq_lengths", "initial_carry", "deterministic", "dropout_key"}
     if unknown:
         raise TypeError(f"gate_trace: unknown keyword(s) {sorted(unknown)}; expected seq_lengths, "
-                        f"initial_carry, deterministic.")
+                        f"initial_carry, deterministic, dropout_key.")
     x, batch_shape, T = layer._check_x(x)
     lengths = layer._check_lengths(call_kwargs.get("seq_lengths"), batch_shape, T)
     carry = layer._check_carry(call_kwargs.get("initial_carry"), batch_shape)
     return layer._forward(x, batch_shape, T, lengths, carry, call_kwargs.get("deterministic", True),
-                          trace_at=(layer_index, direction))
+                          trace_at=(layer_index, direction), dropout_key=call_kwargs.get("dropout_key"))

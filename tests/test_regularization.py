@@ -226,3 +226,22 @@ def test_layer_norm_parameters_are_pinned_and_start_as_plain_normalization():
 def test_bad_rates_and_flags_are_one_clear_line(fields, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
         CellSpec(**fields)
+
+
+def test_gate_trace_of_training_shows_the_masks():
+    """With deterministic=False and a key, the trace is training's: where zoneout kept a unit, c and y are the
+    previous step's exactly."""
+    spec = CellSpec(zoneout_c=0.5, zoneout_h=0.5)
+    layer = randomize(lstm_lab.RNN(2, 6, spec, param_dtype=jnp.float64, rngs=nnx.Rngs(0)), 1)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 2)))
+    key = jax.random.key(4)
+    tr = lstm_lab.gate_trace(layer, x, deterministic=False, dropout_key=key)
+    n = layer.noise(key, 0, 0, 8, 3, jnp.float64)
+    keep_c = np.asarray(n["zc_mask"]).transpose(1, 0, 2)[:, 1:] == 1  # [B, T-1, H]
+    keep_h = np.asarray(n["zh_mask"]).transpose(1, 0, 2)[:, 1:] == 1
+    c, y = np.asarray(tr["c"]), np.asarray(tr["y"])
+    assert keep_c.any() and (~keep_c).any()
+    np.testing.assert_array_equal(c[:, 1:][keep_c], c[:, :-1][keep_c])
+    np.testing.assert_array_equal(y[:, 1:][keep_h], y[:, :-1][keep_h])
+    y_train = layer(x, deterministic=False, dropout_key=key)[0]
+    np.testing.assert_allclose(y, np.asarray(y_train), rtol=1e-12, atol=1e-12)
