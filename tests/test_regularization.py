@@ -145,13 +145,39 @@ def test_gradients_check_grads_float64(name):
 
 def test_kernels_that_cannot_take_a_flag_say_which():
     spec = CellSpec(zoneout_h=0.1, layer_norm=True)
-    for impl in ("scan_vjp", "native", "pallas"):
+    for impl in ("native", "pallas"):
         why = kernels.impl_unsupported(impl, spec, 8)
         assert f"impl={impl!r} does not implement layer_norm=True, zoneout_h=0.1 inside its recurrence" in why
-    assert kernels.impl_unsupported("scan", spec, 8) is None
-    assert kernels.resolve_impl("auto", spec, hidden_size=8) == "scan"
+    for impl in ("scan", "scan_vjp"):
+        assert kernels.impl_unsupported(impl, spec, 8) is None
+    assert kernels.resolve_impl("auto", spec, "cpu", hidden_size=8) == "scan_vjp"  # native cannot: the next
+    assert kernels.resolve_impl("auto", CellSpec(family="gru", zoneout_h=0.1), "cpu", hidden_size=8) == "scan"
     with pytest.raises(ValueError, match="does not implement zoneout_h=0.1"):
-        lstm_lab.RNN(2, 8, CellSpec(zoneout_h=0.1), impl="scan_vjp", rngs=nnx.Rngs(0))
+        lstm_lab.RNN(2, 8, CellSpec(zoneout_h=0.1), impl="pallas", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("name", ["layer_norm", "all+fgr", "all+nig+noaf"])
+def test_scan_vjp_gradients_equal_the_scan(name, remat):
+    """scan_vjp's hand-written backward with the in-step regularization: every gradient (parameters, input,
+    initial carry) equal to autodiff of the scan, in training (the same masks) and evaluation, float64."""
+    spec = SPECS[name]
+    key = jax.random.key(2)
+    grads = {}
+    for impl in ("scan", "scan_vjp"):
+        layer, x, carry = _case(spec, seed=3, impl=impl)
+        layer.remat = remat
+        graphdef, params = nnx.split(layer)
+        for det in (False, True):
+            def f(p, x, c):
+                y, fin = nnx.merge(graphdef, p)(x, seq_lengths=jnp.asarray(LENGTHS), initial_carry=c,
+                                                deterministic=det, dropout_key=key)
+                return jnp.sum(jnp.sin(y)) + sum(jnp.sum(jnp.cos(v)) for v in jax.tree.leaves(fin))
+
+            grads[impl, det] = jax.grad(f, (0, 1, 2))(params, jnp.asarray(x), carry)
+    for det in (False, True):
+        for a, b in zip(jax.tree.leaves(grads["scan_vjp", det]), jax.tree.leaves(grads["scan", det])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu" or not kernels.get("native").unsupported(
