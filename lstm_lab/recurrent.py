@@ -64,9 +64,11 @@ def init_params(spec: CellSpec, in_features: int, hidden_size: int, key: jax.Arr
     ``forget_bias`` is added to the pre-activation of the gate that keeps the
     state: the LSTM, sLSTM and minLSTM forget gate (CIFG: subtracted from the input gate, since
     ``f = 1 - i``), the GRU update gate ``u``, and subtracted from the MGU gate
-    ``f`` and the minGRU gate ``z`` (whose ``1 - f``, ``1 - z`` keep the state). minLSTM and minGRU have no ``R``. ``chrono_init=T_max`` (Tallec &
-    Ollivier 2018) replaces it: retention bias ``log(U[1, T_max - 1])``, and
-    the LSTM input gate bias its negative.
+    ``f`` and the minGRU gate ``z`` (whose ``1 - f``, ``1 - z`` keep the state).
+    ``chrono_init=T_max`` (Tallec & Ollivier 2018) replaces it: retention bias
+    ``log(U[1, T_max - 1])``, and the LSTM (sLSTM, minLSTM) input gate bias its
+    negative. minLSTM and minGRU have no ``R``; ``layer_norm``'s gains start at
+    1 and the ``c`` norm's bias at 0.
     """
     H = hidden_size
     names = spec.gate_names()
@@ -207,7 +209,7 @@ def run_direction(impl: "str | kernels.Kernel", spec: CellSpec, params: dict[str
       noise: training's in-step masks (:func:`lstm_lab.cells.draw_noise`: ``h_mask``, ``z_mask``, ``zc_mask``,
         ``zh_mask``; the per-step ones ``[T, B, H]`` in the original time order: the mask of time ``t`` goes
         with the step that reads ``x_t`` in either direction), for a kernel that takes in-step
-        regularization (``scan``); None: evaluation.
+        regularization (``scan``, ``scan_vjp``); None: evaluation.
       options: the kernel's (``unroll``; ``remat`` for ``scan_vjp``; the Pallas kernel's ``block_b``, ...).
 
     Returns:
