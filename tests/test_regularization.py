@@ -182,10 +182,11 @@ def test_scan_vjp_gradients_equal_the_scan(name, remat):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu" or not kernels.get("native").unsupported(
-    VARIANTS["lstm"], 8) is None, reason="the native kernel is not available here")
 def test_weight_drop_runs_on_every_kernel_and_equals_the_scan():
     """weight_drop masks R around the kernel: native and scan_vjp train with it, equal to the scan."""
+    why = kernels.impl_unsupported("native", CellSpec(weight_drop=0.5), 4)  # builds the kernel: here, not at import
+    if why:
+        pytest.skip(why)
     spec = CellSpec(weight_drop=0.5)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 3)), jnp.float32)
     key = jax.random.key(3)
